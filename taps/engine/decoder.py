@@ -1,0 +1,143 @@
+"""The decoding loop shared by every strategy: prefill, then draft -> verify -> accept -> commit.
+
+A strategy is a `Proposer` (one drafter, several routed drafters, merged trees ...); the loop,
+the target's KV cache and the acceptance rules stay here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from taps.engine.stats import CycleStats, Generation
+from taps.engine.tree import DraftTree, verification_inputs
+from taps.engine.verify import accept_greedy, accept_sampling, target_probs
+from taps.models.llama import Llama
+
+
+class Proposer(Protocol):
+    max_tree: int  # most tokens a proposed tree holds, root included
+
+    def start(self, features: Tensor, next_tokens: Tensor, max_len: int) -> None:
+        """Prefill on the prompt's target features [n, h] and prompt[1:] + root."""
+
+    def propose(self) -> DraftTree:
+        """A tree rooted at the current root, built from the committed state."""
+
+    def commit(self, features: Tensor, next_tokens: Tensor) -> None:
+        """Catch up on the accepted path's features and the tokens that followed them."""
+
+
+def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    p = target_probs(logits, temperature, top_p)
+    return int(torch.multinomial(p.float(), 1, generator=gen))
+
+
+def _finish(new: list[int], eos_ids: set[int], limit: int) -> tuple[list[int], bool]:
+    """Cut at the first EOS or at the token limit; report whether decoding is over."""
+    for i, t in enumerate(new):
+        if t in eos_ids:
+            return new[: i + 1][:limit], True
+    return new[:limit], len(new) >= limit
+
+
+class SpeculativeDecoder:
+    def __init__(self, target: Llama, proposer: Proposer, eos_ids: set[int]) -> None:
+        self.target = target
+        self.proposer = proposer
+        self.eos_ids = eos_ids
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        record_nodes: bool = True,
+    ) -> Generation:
+        t0 = time.perf_counter()
+        dev = self.target.lm_head.weight.device
+        max_len = len(prompt) + max_new_tokens + 1
+        cache = self.target.new_cache(max_len + self.proposer.max_tree)
+        ids = torch.tensor([prompt], device=dev)
+        feats = self.target(ids, cache=cache)[0]
+        root = _pick(self.target.logits(feats[-1]), temperature, top_p, generator)
+        out, done = _finish([root], self.eos_ids, max_new_tokens)
+        gen = Generation(tokens=out, target_forwards=1, wall_time_s=0.0)
+        if not done:
+            self.proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), max_len)
+        while not done:
+            tree = self.proposer.propose()
+            prefix = cache.length
+            tokens, positions, mask = verification_inputs(tree, prefix, dev)
+            feats = self.target(tokens, positions, cache, mask)[0]
+            logits = self.target.logits(feats)
+            gen.target_forwards += 1
+            if temperature <= 0:
+                path, bonus = accept_greedy(tree, logits)
+            else:
+                path, bonus = accept_sampling(tree, logits, temperature, top_p, generator)
+            cache.keep(prefix, torch.tensor(path))
+            accepted = tree.tokens[path[1:]].tolist()
+            gen.cycles.append(self._stats(tree, path, record_nodes))
+            out, done = _finish(out + accepted + [bonus], self.eos_ids, max_new_tokens)
+            if not done:
+                nxt = torch.tensor(accepted + [bonus], device=dev)
+                self.proposer.commit(feats[path], nxt)
+        gen.tokens = out
+        gen.wall_time_s = time.perf_counter() - t0
+        return gen
+
+    @staticmethod
+    def _stats(tree: DraftTree, path: list[int], record_nodes: bool) -> CycleStats:
+        s = CycleStats(
+            accepted=len(path) - 1,
+            tree_size=len(tree),
+            drafter=tree.drafter,
+            draft_forwards=tree.draft_forwards,
+        )
+        if record_nodes:
+            on_path = set(path)
+            s.node_confidence = tree.scores[1:].exp().tolist()
+            s.node_entropy = tree.entropies[1:].tolist()
+            s.node_depth = tree.depths[1:]
+            s.node_accepted = [i in on_path for i in range(1, len(tree))]
+        return s
+
+
+@torch.no_grad()
+def vanilla_generate(
+    target: Llama,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Token-by-token decoding with the same model and cache: the baseline and the reference
+    for losslessness. Records the target's top-2 logit gap at every step."""
+    t0 = time.perf_counter()
+    dev = target.lm_head.weight.device
+    cache = target.new_cache(len(prompt) + max_new_tokens + 1)
+    x = torch.tensor([prompt], device=dev)
+    gen = Generation(tokens=[], target_forwards=0, wall_time_s=0.0)
+    while True:
+        logits = target.logits(target(x, cache=cache)[0, -1])
+        gen.target_forwards += 1
+        top2 = logits.topk(2).values
+        gen.top2_gaps.append(float(top2[0] - top2[1]))
+        tok = _pick(logits, temperature, top_p, generator)
+        gen.tokens.append(tok)
+        if tok in eos_ids or len(gen.tokens) >= max_new_tokens:
+            break
+        x = torch.tensor([[tok]], device=dev)
+    gen.wall_time_s = time.perf_counter() - t0
+    return gen

@@ -1,0 +1,135 @@
+"""A draft head with its own KV cache, building EAGLE-2 dynamic trees (ALGORITHMS.md section 4).
+
+The head sees pairs (f_t, x_{t+1}) at position t. After `start`/`commit` its cache holds every
+committed pair and `last_g` is the output at the newest one, which predicts the token after
+the root. Drafting appends tree nodes to the cache and rolls them back afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from taps.engine.tree import DraftTree
+from taps.models.draft_head import DraftHead
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    top_k: int = 10
+    depth: int = 5  # expansion rounds after the first layer: depth + 1 draft layers
+    total_tokens: int = 60  # root included
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.depth < 0 or self.total_tokens < 2:
+            raise ValueError(f"tree: need top_k >= 1, depth >= 0, total_tokens >= 2; got {self}")
+
+    @property
+    def max_nodes(self) -> int:
+        return self.total_tokens
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+class HeadDrafter:
+    def __init__(self, head: DraftHead, spec: TreeSpec, index: int = 0) -> None:
+        self.head = head
+        self.spec = spec
+        self.index = index
+        self.cache = None
+        self.last_g: Tensor | None = None
+        self.root: int | None = None
+        self.max_tree = spec.total_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.fc.weight.device
+
+    @torch.no_grad()
+    def start(self, features: Tensor, next_tokens: Tensor, max_len: int) -> None:
+        """Prefill: features [n, h] of the prompt, next_tokens [n] = prompt[1:] + root."""
+        need = max_len + self.spec.top_k * (self.spec.depth + 1)
+        if self.cache is None or self.cache.max_len < need:
+            self.cache = self.head.new_cache(need)
+        self.cache.truncate(0)
+        self.commit(features, next_tokens)
+
+    @torch.no_grad()
+    def commit(self, features: Tensor, next_tokens: Tensor) -> None:
+        """Catch up on accepted pairs: target features of the root and accepted nodes, each
+        paired with the token that followed it (the last one being the new root)."""
+        g = self.head(
+            features[None].to(self.device), next_tokens[None].to(self.device), cache=self.cache
+        )
+        self.last_g = g[0, -1]
+        self.root = int(next_tokens[-1])
+
+    @torch.no_grad()
+    def propose(self) -> DraftTree:
+        k, spec, head = self.spec.top_k, self.spec, self.head
+        committed = self.cache.length
+        logp = torch.log_softmax(head.logits(self.last_g).double(), -1)
+        top = logp.topk(k)
+        # Candidate lists: token, parent candidate (-1 = root), score, own log-prob, entropy.
+        tok = top.indices.tolist()
+        par = [-1] * k
+        score = top.values.tolist()
+        lp = list(score)
+        ent = [float(_entropy(logp))] * k
+        depth = [1] * k
+        frontier = list(range(k))
+        g_of = {-1: self.last_g}  # candidate -> head output (its children's feature input)
+        slot: dict[int, int] = {}  # candidate -> cache slot offset after `committed`
+        for _ in range(spec.depth):
+            feats = torch.stack([g_of[par[c]] for c in frontier])[None]
+            toks = torch.tensor([tok[c] for c in frontier], device=self.device)[None]
+            pos = torch.tensor([committed + depth[c] - 1 for c in frontier], device=self.device)
+            base = len(slot)
+            mask = torch.zeros(len(frontier), committed + base + len(frontier), dtype=torch.bool)
+            mask[:, :committed] = True
+            for row, c in enumerate(frontier):
+                a = par[c]
+                while a >= 0:
+                    mask[row, committed + slot[a]] = True
+                    a = par[a]
+                mask[row, committed + base + row] = True
+            g = head(feats, toks, pos[None], self.cache, mask.to(self.device))[0]
+            logp = torch.log_softmax(head.logits(g).double(), -1)
+            top = logp.topk(k, dim=-1)
+            ents = _entropy(logp).tolist()
+            children = []
+            for row, c in enumerate(frontier):
+                slot[c] = base + row
+                g_of[c] = g[row]
+                for v, t in zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True):
+                    tok.append(t)
+                    par.append(c)
+                    score.append(score[c] + v)
+                    lp.append(v)
+                    ent.append(ents[row])
+                    depth.append(depth[c] + 1)
+                    children.append(len(tok) - 1)
+            frontier = sorted(children, key=lambda i: -score[i])[:k]
+        self.cache.truncate(committed)
+        return self._rerank(tok, par, score, lp, ent, depth)
+
+    def _rerank(self, tok, par, score, lp, ent, depth) -> DraftTree:
+        """Keep the total_tokens - 1 best candidates. Sorting by (score desc, depth asc) puts
+        every parent before its children (a child's score never exceeds its parent's), so
+        the kept set is closed under ancestors even with ties."""
+        order = sorted(range(len(tok)), key=lambda i: (-score[i], depth[i], i))
+        keep = sorted(order[: self.spec.total_tokens - 1], key=lambda i: (depth[i], -score[i], i))
+        index = {c: i + 1 for i, c in enumerate(keep)}
+        return DraftTree(
+            tokens=torch.tensor([self.root] + [tok[c] for c in keep]),
+            parents=[-1] + [0 if par[c] < 0 else index[par[c]] for c in keep],
+            logprobs=torch.tensor([0.0] + [lp[c] for c in keep], dtype=torch.float64),
+            scores=torch.tensor([0.0] + [score[c] for c in keep], dtype=torch.float64),
+            entropies=torch.tensor([0.0] + [ent[c] for c in keep], dtype=torch.float64),
+            drafter=self.index,
+            draft_forwards=1 + self.spec.depth,
+        )

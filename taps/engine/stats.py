@@ -1,0 +1,31 @@
+"""What the engine records per decoding cycle, for tau and for the analyses built on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CycleStats:
+    accepted: int  # draft tokens accepted this cycle (the bonus token not counted)
+    tree_size: int  # tokens verified in the target forward, root included
+    drafter: int  # which drafter's tree was verified
+    draft_forwards: int  # head forwards spent drafting this cycle (all drafters)
+    node_confidence: list[float] = field(default_factory=list)  # exp(cum log-prob), per node
+    node_entropy: list[float] = field(default_factory=list)
+    node_depth: list[int] = field(default_factory=list)
+    node_accepted: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # new tokens (EOS included if produced), truncated to max_new_tokens
+    target_forwards: int  # prefill included: vanilla decoding has tau == 1 exactly
+    wall_time_s: float
+    cycles: list[CycleStats] = field(default_factory=list)
+    top2_gaps: list[float] = field(default_factory=list)  # vanilla: logit gap at each step
+
+    @property
+    def tau(self) -> float:
+        """New tokens per target forward (prefill counts as the forward that yields token 1)."""
+        return len(self.tokens) / max(self.target_forwards, 1)

@@ -1,0 +1,139 @@
+"""Decode a benchmark with one decoder and summarise it as one results row."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from taps.data.benchmarks import BenchPrompt
+from taps.data.template import prompt_ids
+from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
+from taps.engine.stats import Generation
+from taps.eval.metrics import acceptance_by_depth, node_stats, tau
+
+
+@dataclass
+class TurnRecord:
+    question_id: str
+    turn: int
+    gen: Generation
+    lossless: dict | None = None
+
+
+@dataclass
+class BenchRun:
+    bench: str
+    temperature: float
+    turns: list[TurnRecord] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+def _compare(spec: list[int], ref: Generation, near_tie: float) -> dict:
+    """Token-for-token agreement with vanilla greedy; at a divergence, the target's top-2
+    logit gap there tells a float near-tie (allowed, reported) from a bug."""
+    if spec == ref.tokens:
+        return {"identical": True}
+    pos = next(
+        (i for i, (a, b) in enumerate(zip(spec, ref.tokens, strict=False)) if a != b),
+        min(len(spec), len(ref.tokens)),
+    )
+    gap = ref.top2_gaps[pos] if pos < len(ref.top2_gaps) else None
+    return {
+        "identical": False,
+        "position": pos,
+        "top2_gap": gap,
+        "near_tie": gap is not None and gap < near_tie,
+    }
+
+
+def run_bench(
+    decoder: SpeculativeDecoder,
+    tokenizer,
+    bench: str,
+    prompts: list[BenchPrompt],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    seed: int = 0,
+    verify_lossless: bool = False,
+    near_tie: float = 1e-3,
+    record_nodes: bool = True,
+) -> BenchRun:
+    """Multi-turn prompts are decoded truly multi-turn: turn k's prompt holds the model's own
+    earlier answers (each decoder keeps its own history)."""
+    run = BenchRun(bench=bench, temperature=temperature)
+    gen_rng = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    bar = tqdm(prompts, desc=f"{bench} T={temperature:g}", unit="q", leave=False)
+    for q in bar:
+        spec_hist: list[dict] = []
+        ref_hist: list[dict] = []
+        for k, turn in enumerate(q.turns):
+            spec_hist.append({"role": "user", "content": turn})
+            ids = prompt_ids(tokenizer, spec_hist)
+            gen = decoder.generate(ids, max_new_tokens, temperature, top_p, gen_rng, record_nodes)
+            rec = TurnRecord(q.question_id, k, gen)
+            spec_hist.append({"role": "assistant", "content": _text(tokenizer, gen.tokens)})
+            if verify_lossless and temperature <= 0:
+                ref_hist.append({"role": "user", "content": turn})
+                ref = vanilla_generate(
+                    decoder.target, prompt_ids(tokenizer, ref_hist), max_new_tokens, decoder.eos_ids
+                )
+                ref_hist.append({"role": "assistant", "content": _text(tokenizer, ref.tokens)})
+                rec.lossless = _compare(gen.tokens, ref, near_tie)
+            run.turns.append(rec)
+        bar.set_postfix(tau=f"{tau([t.gen for t in run.turns]):.2f}")
+    run.wall_time_s = time.perf_counter() - t0
+    return run
+
+
+def _text(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def summarise(run: BenchRun, max_depth: int) -> dict:
+    """One results row (variant columns are added by the caller)."""
+    gens = [t.gen for t in run.turns]
+    new = sum(len(g.tokens) for g in gens)
+    decode_time = sum(g.wall_time_s for g in gens)
+    per_q: dict[str, list[Generation]] = {}
+    for t in run.turns:
+        per_q.setdefault(t.question_id, []).append(t.gen)
+    row = {
+        "bench": run.bench,
+        "temperature": run.temperature,
+        "tau": round(tau(gens), 4),
+        "prompts": len(per_q),
+        "turns": len(gens),
+        "new_tokens": new,
+        "cycles": sum(len(g.cycles) for g in gens),
+        "target_forwards": sum(g.target_forwards for g in gens),
+        "wall_time_s": round(decode_time, 3),
+        "tokens_per_s": round(new / max(decode_time, 1e-9), 2),
+        "tree_tokens_per_cycle": _mean([c.tree_size for g in gens for c in g.cycles]),
+        "draft_forwards_per_cycle": _mean([c.draft_forwards for g in gens for c in g.cycles]),
+        "tau_per_question": {k: round(tau(v), 4) for k, v in per_q.items()},
+        "acceptance_by_depth": [round(x, 4) for x in acceptance_by_depth(gens, max_depth)],
+        **{k: (round(v, 4) if v is not None else None) for k, v in node_stats(gens).items()},
+    }
+    checks = [t.lossless for t in run.turns if t.lossless is not None]
+    if checks:
+        bad = [
+            dict(question_id=t.question_id, turn=t.turn, **t.lossless)
+            for t in run.turns
+            if t.lossless and not t.lossless["identical"]
+        ]
+        row["lossless"] = {
+            "checked_turns": len(checks),
+            "identical_fraction": round(sum(c["identical"] for c in checks) / len(checks), 4),
+            "divergences": bad,
+            "all_divergences_near_ties": all(b["near_tie"] for b in bad),
+        }
+    return row
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 3) if xs else None

@@ -1,0 +1,146 @@
+"""Results files of a run: results.json (the source of truth), results.csv, results.md and a
+tau heatmap. All are written atomically and derived from the same rows, so they agree."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from taps.paths import atomic_write_text  # noqa: E402
+
+SCHEMA_VERSION = 1
+# Scalar columns of the CSV and Markdown grids, in order.
+COLUMNS = [
+    "variant",
+    "routing",
+    "drafter",
+    "data",
+    "tree",
+    "bench",
+    "temperature",
+    "tau",
+    "prompts",
+    "turns",
+    "new_tokens",
+    "cycles",
+    "target_forwards",
+    "wall_time_s",
+    "tokens_per_s",
+    "identical_fraction",
+]
+
+
+def flat(row: dict) -> dict:
+    out = {c: row.get(c) for c in COLUMNS}
+    out["identical_fraction"] = (row.get("lossless") or {}).get("identical_fraction")
+    return out
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(flat(r))
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """A variant x benchmark tau grid per temperature, then the full table."""
+    lines = []
+    for temp in sorted({r["temperature"] for r in rows}):
+        sub = [r for r in rows if r["temperature"] == temp]
+        benches = list(dict.fromkeys(r["bench"] for r in sub))
+        variants = list(dict.fromkeys(r["variant"] for r in sub))
+        lines += [
+            f"### tau at T={temp:g}",
+            "",
+            "| variant | " + " | ".join(benches) + " | mean |",
+            "|---" * (len(benches) + 2) + "|",
+        ]
+        for v in variants:
+            cells = [
+                next((r["tau"] for r in sub if r["variant"] == v and r["bench"] == b), None)
+                for b in benches
+            ]
+            got = [c for c in cells if c is not None]
+            mean = sum(got) / len(got) if got else None
+            lines.append(f"| {v} | " + " | ".join(_fmt(c) for c in cells) + f" | {_fmt(mean)} |")
+        lines.append("")
+    lines += ["### all columns", "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(v) for v in flat(r).values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def heatmap(rows: list[dict], path: str | Path) -> None:
+    """tau per variant (rows) x benchmark (columns), one panel per temperature."""
+    temps = sorted({r["temperature"] for r in rows})
+    benches = list(dict.fromkeys(r["bench"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(
+        1,
+        len(temps),
+        squeeze=False,
+        figsize=(1.6 + 1.3 * len(benches) * len(temps), 1.2 + 0.5 * len(variants)),
+    )
+    vmax = max(r["tau"] for r in rows)
+    for ax, temp in zip(axes[0], temps, strict=True):
+        grid = [
+            [
+                next(
+                    (
+                        r["tau"]
+                        for r in rows
+                        if r["variant"] == v and r["bench"] == b and r["temperature"] == temp
+                    ),
+                    float("nan"),
+                )
+                for b in benches
+            ]
+            for v in variants
+        ]
+        im = ax.imshow(grid, cmap="viridis", vmin=1.0, vmax=max(vmax, 1.01), aspect="auto")
+        for i, line in enumerate(grid):
+            for j, val in enumerate(line):
+                if val == val:
+                    ax.text(j, i, f"{val:.2f}", ha="center", va="center", color="w", fontsize=9)
+        ax.set_xticks(range(len(benches)), benches, rotation=30, ha="right")
+        ax.set_yticks(range(len(variants)), variants)
+        ax.set_title(f"acceptance length tau, T={temp:g}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str, Path]:
+    run_dir = Path(run_dir)
+    paths = {
+        "json": run_dir / "results.json",
+        "csv": run_dir / "results.csv",
+        "md": run_dir / "results.md",
+        "heatmap": run_dir / "tau_heatmap.png",
+    }
+    doc = {"schema_version": SCHEMA_VERSION, **meta, "rows": rows}
+    atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str))
+    atomic_write_text(paths["csv"], to_csv(rows))
+    atomic_write_text(paths["md"], to_markdown(rows))
+    heatmap(rows, paths["heatmap"])
+    return paths

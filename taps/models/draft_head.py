@@ -1,0 +1,93 @@
+"""The EAGLE-2 draft head (ALGORITHMS.md section 1). HASS trains this same class.
+
+Input at position t: z_t = fc(concat(E[x_{t+1}], f_t)) -- the token is the one *after* the
+feature's position. One Llama decoder layer without its input norm; its output g_t predicts
+f_{t+1}, and the target's frozen LM head turns g_t into draft logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from taps.models.llama import DecoderLayer, KVCache, Llama, Rotary
+
+# Bump when the head's architecture or parameter naming changes: it is part of cache keys.
+HEAD_VERSION = "eagle-head-v1"
+
+
+class DraftHead(nn.Module):
+    def __init__(self, config, embed: Tensor, lm_head: Tensor, bias: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=bias)
+        self.layer = DecoderLayer(config, layer_idx=0, input_norm=False)
+        self.rotary = Rotary(config)
+        # Shared with the target and frozen: buffers move with the module but are not saved.
+        self.register_buffer("embed_weight", embed.detach(), persistent=False)
+        self.register_buffer("lm_head_weight", lm_head.detach(), persistent=False)
+
+    @classmethod
+    def for_target(cls, target: Llama, bias: bool = True) -> DraftHead:
+        head = cls(
+            target.config, target.model.embed_tokens.weight, target.lm_head.weight, bias=bias
+        )
+        return head.to(target.lm_head.weight.dtype)
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        attn = self.layer.self_attn
+        w = self.fc.weight
+        return KVCache(1, attn.n_kv, attn.head_dim, max_len, w.dtype, w.device, batch)
+
+    def forward(
+        self,
+        features: Tensor,
+        next_tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """features [B, n, h] (f_t), next_tokens [B, n] (x_{t+1}) -> g [B, n, h]."""
+        b, n = next_tokens.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + n, device=next_tokens.device).expand(b, n)
+        emb = nn.functional.embedding(next_tokens, self.embed_weight)
+        x = self.fc(torch.cat([emb, features.to(emb.dtype)], dim=-1))
+        out = self.layer(x, self.rotary(positions, x.dtype), cache, mask)
+        if cache is not None:
+            cache.advance(n)
+        return out
+
+    def logits(self, g: Tensor) -> Tensor:
+        return g @ self.lm_head_weight.T
+
+
+def save_head(head: DraftHead, directory: str | Path, meta: dict) -> None:
+    """Weights as safetensors and a JSON config recording target, data and training settings."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    save_file(state, str(directory / "head.safetensors"))
+    meta = {**meta, "head_version": HEAD_VERSION, "bias": head.fc.bias is not None}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_head(directory: str | Path, target: Llama) -> tuple[DraftHead, dict]:
+    directory = Path(directory)
+    meta = json.loads((directory / "config.json").read_text())
+    state = load_file(str(directory / "head.safetensors"))
+    h = target.config.hidden_size
+    if state["fc.weight"].shape != (h, 2 * h):
+        raise ValueError(
+            f"{directory}: head hidden size {state['fc.weight'].shape[0]} does not match "
+            f"the target's {h} (checkpoint for another target?)"
+        )
+    head = DraftHead.for_target(target, bias=bool(meta.get("bias", True)))
+    head.load_state_dict(state)
+    return head.to(target.lm_head.weight.device).eval(), meta

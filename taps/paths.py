@@ -1,0 +1,75 @@
+"""Where things live: the offline data dir, the artefact cache, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> str:
+    """$TAPS_DATA_DIR, else ../shared/data beside the checkout, else '' (hub only)."""
+    env = os.environ.get("TAPS_DATA_DIR")
+    if env:
+        return env
+    shared = REPO_ROOT.parent / "shared" / "data"
+    return str(shared) if shared.is_dir() else ""
+
+
+def default_cache_dir() -> str:
+    """$TAPS_CACHE_DIR, else .cache/ in the checkout (ignored by git)."""
+    return os.environ.get("TAPS_CACHE_DIR") or str(REPO_ROOT / ".cache")
+
+
+def content_key(*parts: Any, length: int = 16) -> str:
+    """A short hash of JSON-serialisable parts: the cache key of an artefact."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place only on success,
+    so an interrupted or failed build never leaves a half-written cache entry."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():  # a concurrent builder won; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file via a temporary sibling and os.replace: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,59 @@
+"""Training pairs from cached features: input (f_t, x_{t+1}), target f_{t+1}, mask[t+1].
+
+The mask is shifted together with the target (the reference code did not, leaving the first
+assistant position unsupervised): position t is trained when x_{t+1} is an assistant token,
+i.e. exactly the positions the head drafts from at inference.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from taps.training.features import FeatureSet
+
+
+class PairDataset(Dataset):
+    def __init__(self, fs: FeatureSet) -> None:
+        self.fs = fs
+
+    def __len__(self) -> int:
+        return len(self.fs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, f, m = self.fs.example(i)
+        return {"f_in": f[:-1], "tokens": ids[1:], "f_next": f[1:], "mask": m[1:]}
+
+
+def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding has mask 0 and sits after real positions."""
+    n = max(len(b["tokens"]) for b in batch)
+    h = batch[0]["f_in"].shape[-1]
+    out = {
+        "f_in": torch.zeros(len(batch), n, h, dtype=batch[0]["f_in"].dtype),
+        "f_next": torch.zeros(len(batch), n, h, dtype=batch[0]["f_in"].dtype),
+        "tokens": torch.zeros(len(batch), n, dtype=torch.long),
+        "mask": torch.zeros(len(batch), n, dtype=torch.uint8),
+    }
+    for r, b in enumerate(batch):
+        k = len(b["tokens"])
+        for name in out:
+            out[name][r, :k] = b[name]
+    return out
+
+
+class FeatureDataModule(L.LightningDataModule):
+    def __init__(self, train: FeatureSet, val: FeatureSet, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.train_set, self.val_set = PairDataset(train), PairDataset(val)
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_set, self.batch_size, shuffle=True, collate_fn=collate, generator=g
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, self.batch_size, shuffle=False, collate_fn=collate)

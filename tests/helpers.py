@@ -1,0 +1,53 @@
+"""Test doubles shared by engine tests."""
+
+from __future__ import annotations
+
+import torch
+
+from taps.engine.tree import DraftTree
+from taps.models.llama import Llama
+
+
+class NoisyOracle:
+    """A proposer that drafts the target's own greedy continuation, corrupting each token with
+    probability `noise`, as two branches. Acceptances of every length happen, so an acceptance
+    rule that is off by one position produces wrong output."""
+
+    def __init__(self, target: Llama, depth: int = 4, noise: float = 0.3, seed: int = 0) -> None:
+        self.target, self.depth, self.noise = target, depth, noise
+        self.rng = torch.Generator().manual_seed(seed)
+        self.max_tree = 2 * depth + 1
+        self.context: list[int] = []
+
+    def start(self, features, next_tokens, max_len) -> None:
+        self.context = self.first + next_tokens.tolist()
+
+    def commit(self, features, next_tokens) -> None:
+        self.context += next_tokens.tolist()
+
+    def _greedy(self, n: int) -> list[int]:
+        ids = list(self.context)
+        for _ in range(n):
+            h = self.target(torch.tensor([ids]))[0, -1]
+            ids.append(int(self.target.logits(h).argmax()))
+        return ids[len(self.context) :]
+
+    def _corrupt(self, toks: list[int]) -> list[int]:
+        v = self.target.config.vocab_size
+        out = []
+        for t in toks:
+            if torch.rand((), generator=self.rng) < self.noise:
+                t = int(torch.randint(0, v, (), generator=self.rng))
+            out.append(t)
+        return out
+
+    def propose(self) -> DraftTree:
+        truth = self._greedy(self.depth)
+        a, b = self._corrupt(truth), self._corrupt(truth)
+        d = self.depth
+        tokens = [self.context[-1], *a, *b]
+        parents = [-1, *range(d), 0, *range(d + 1, 2 * d)]
+        n = len(tokens)
+        lp = torch.full((n,), -0.1, dtype=torch.float64)
+        lp[0] = 0
+        return DraftTree(torch.tensor(tokens), parents, lp, lp.cumsum(0), torch.zeros(n))

@@ -1,0 +1,93 @@
+"""Greedy speculative decoding must reproduce vanilla greedy decoding token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taps.engine.decoder as decoder_mod
+from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
+from taps.engine.drafting import HeadDrafter, TreeSpec
+from taps.engine.tree import DraftTree
+from taps.engine.verify import accept_greedy
+from taps.models.draft_head import DraftHead
+from tests.helpers import NoisyOracle
+
+
+def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(3, vocab, (int(torch.randint(4, 30, (), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
+
+
+def run_oracle(tiny, n: int = 20, max_new: int = 48):
+    model = tiny.model
+    same, taus = 0, []
+    for i, p in enumerate(prompts(n, model.config.vocab_size)):
+        oracle = NoisyOracle(model, depth=4, noise=0.3, seed=i)
+        oracle.first = p[:1]
+        spec = SpeculativeDecoder(model, oracle, tiny.eos_ids).generate(p, max_new)
+        ref = vanilla_generate(model, p, max_new, tiny.eos_ids)
+        same += spec.tokens == ref.tokens
+        taus.append(spec.tau)
+    return same, taus
+
+
+def test_greedy_lossless_float64_oracle(tiny64):
+    same, taus = run_oracle(tiny64)
+    assert same == 20, f"only {same}/20 prompts identical"
+    # The oracle must actually get multi-token acceptances, or the test proves little.
+    assert sum(taus) / len(taus) > 2.0
+
+
+def _accept_one_too_many(tree: DraftTree, logits: torch.Tensor):
+    """Broken: also accepts the first draft token after the matching prefix (the classic
+    off-by-one of counting the mismatch as accepted)."""
+    path, _ = accept_greedy(tree, logits)
+    kids = [i for i, p in enumerate(tree.parents) if p == path[-1]]
+    if kids:
+        path = path + [kids[0]]
+    return path, int(logits[path[-1]].argmax())
+
+
+def _bonus_off_by_one(tree: DraftTree, logits: torch.Tensor):
+    """Broken: takes the bonus token from the last accepted node's parent."""
+    path, _ = accept_greedy(tree, logits)
+    return path, int(logits[path[-2] if len(path) > 1 else 0].argmax())
+
+
+@pytest.mark.parametrize("broken", [_accept_one_too_many, _bonus_off_by_one])
+def test_exactness_check_catches_broken_rules(tiny64, monkeypatch, broken):
+    monkeypatch.setattr(decoder_mod, "accept_greedy", broken)
+    same, _ = run_oracle(tiny64, n=6)
+    assert same < 6
+
+
+@pytest.mark.parametrize("spec", [TreeSpec(1, 4, 6), TreeSpec(3, 3, 12), TreeSpec(10, 5, 60)])
+def test_head_drafter_lossless(tiny64, spec):
+    torch.manual_seed(0)
+    head = DraftHead.for_target(tiny64.model)
+    dec = SpeculativeDecoder(tiny64.model, HeadDrafter(head, spec), tiny64.eos_ids)
+    for p in prompts(5, tiny64.model.config.vocab_size, seed=1):
+        ref = vanilla_generate(tiny64.model, p, 32, tiny64.eos_ids)
+        out = dec.generate(p, 32)
+        assert out.tokens == ref.tokens
+        assert out.target_forwards == 1 + len(out.cycles)
+        assert all(c.tree_size <= spec.total_tokens for c in out.cycles)
+
+
+def test_eos_and_limit(tiny64):
+    model = tiny64.model
+    p = prompts(1, model.config.vocab_size, seed=3)[0]
+    ref = vanilla_generate(model, p, 40, tiny64.eos_ids)
+    eos = {ref.tokens[5]}  # pretend the 6th token is EOS: both must stop right after it
+    oracle = NoisyOracle(model, depth=4, noise=0.0)
+    oracle.first = p[:1]
+    out = SpeculativeDecoder(model, oracle, eos).generate(p, 40)
+    assert out.tokens == vanilla_generate(model, p, 40, eos).tokens
+    assert out.tokens[-1] in eos and len(out.tokens) <= 6
+    oracle = NoisyOracle(model, depth=4, noise=0.0)
+    oracle.first = p[:1]
+    assert len(SpeculativeDecoder(model, oracle, set()).generate(p, 7).tokens) == 7
