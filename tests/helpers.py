@@ -51,3 +51,35 @@ class NoisyOracle:
         lp = torch.full((n,), -0.1, dtype=torch.float64)
         lp[0] = 0
         return DraftTree(torch.tensor(tokens), parents, lp, lp.cumsum(0), torch.zeros(n))
+
+
+class TopKOracle:
+    """Drafts the target's own top-2 tokens at each of two levels (a 7-node tree): drafts are
+    accepted often and rejected often, so sampling acceptance is exercised on both sides."""
+
+    def __init__(self, target: Llama, width: int = 2) -> None:
+        self.target, self.width = target, width
+        self.max_tree = 1 + width + width * width
+        self.context: list[int] = []
+        self.first: list[int] = []
+
+    def start(self, features, next_tokens, max_len) -> None:
+        self.context = self.first + next_tokens.tolist()
+
+    def commit(self, features, next_tokens) -> None:
+        self.context += next_tokens.tolist()
+
+    def _top(self, ids: list[int]) -> list[int]:
+        h = self.target(torch.tensor([ids]))[0, -1]
+        return self.target.logits(h).topk(self.width).indices.tolist()
+
+    def propose(self) -> DraftTree:
+        w = self.width
+        first = self._top(self.context)
+        tokens, parents = [self.context[-1], *first], [-1] + [0] * w
+        for i, t in enumerate(first):
+            tokens += self._top(self.context + [t])
+            parents += [1 + i] * w
+        n = len(tokens)
+        lp = torch.tensor([0.0] + [-0.1 * (i + 1) for i in range(n - 1)], dtype=torch.float64)
+        return DraftTree(torch.tensor(tokens), parents, lp, lp.clone(), torch.zeros(n))

@@ -44,9 +44,12 @@ def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 class FeatureDataModule(L.LightningDataModule):
-    def __init__(self, train: FeatureSet, val: FeatureSet, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, train: FeatureSet, val: FeatureSet | None, batch_size: int, seed: int
+    ) -> None:
         super().__init__()
-        self.train_set, self.val_set = PairDataset(train), PairDataset(val)
+        self.train_set = PairDataset(train)
+        self.val_set = PairDataset(val) if val is not None else None
         self.batch_size, self.seed = batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
@@ -55,5 +58,7 @@ class FeatureDataModule(L.LightningDataModule):
             self.train_set, self.batch_size, shuffle=True, collate_fn=collate, generator=g
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
         return DataLoader(self.val_set, self.batch_size, shuffle=False, collate_fn=collate)

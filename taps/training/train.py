@@ -18,6 +18,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from taps.data.conversations import DataError
 from taps.data.mixture import build_mixture
 from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head, save_head
 from taps.models.target import Target
@@ -71,9 +72,13 @@ def ensure_drafter(
     train_fs = cached_features(
         target, split.train, cache_dir, data.max_len, store, "features/train", compute
     )
-    val_fs = cached_features(
-        target, split.val, cache_dir, data.max_len, store, "features/val", compute
-    )
+    try:
+        val_fs = cached_features(
+            target, split.val, cache_dir, data.max_len, store, "features/val", compute
+        )
+    except DataError as e:  # e.g. every held-out example truncated before its answer
+        log.warning("no validation set (%s): training without held-out metrics", e)
+        val_fs = None
     L.seed_everything(seed, workers=True)
     head = DraftHead.for_target(target.model, bias=drafter.bias).train()
     module = DraftModule(
@@ -90,14 +95,22 @@ def ensure_drafter(
         loggers = [L.pytorch.loggers.CSVLogger(str(tmp), name="", version="")]
         if lightning_logger is not None:
             loggers.append(lightning_logger)
-        pl_trainer = instantiate(trainer, logger=loggers, default_root_dir=str(tmp))
+        # tqdm rather than Lightning's default Rich bar, which prints nothing outside a TTY.
+        bar = L.pytorch.callbacks.TQDMProgressBar(refresh_rate=10)
+        pl_trainer = instantiate(
+            trainer, logger=loggers, callbacks=[bar], default_root_dir=str(tmp)
+        )
         t0 = time.perf_counter()
         pl_trainer.fit(module, datamodule=dm)
         secs = time.perf_counter() - t0
         epochs = pl_trainer.current_epoch
         meta = {
             "target": {"name": target.name, "key": target.key},
-            "data": {**split.info, "train_features": train_fs.meta, "val_features": val_fs.meta},
+            "data": {
+                **split.info,
+                "train_features": train_fs.meta,
+                "val_features": val_fs.meta if val_fs else None,
+            },
             "drafter": _plain(drafter),
             "trainer": trainer_cfg,
             "seed": seed,

@@ -1,0 +1,82 @@
+"""The Hydra entry point on the tiny target: configs compose, bad overrides fail clearly, and a
+run writes results.json / csv / md / heatmap that agree, plus an offline W&B run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+
+from taps.config import CONF_DIR
+from taps.run import run
+
+TINY = [
+    "target=tiny_random",
+    "data.components=[{source: mathinstruct, examples: 24}, {source: sharegpt, examples: 6}]",
+    "data.max_len=128",
+    "trainer.max_epochs=1",
+    "bench.limit=2",
+    "max_new_tokens=12",
+]
+
+
+def cfg_with(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        if "dir" in cfg.logger:
+            cfg.logger.dir = str(tmp_path)
+    return cfg
+
+
+def test_defaults_compose(tmp_path):
+    cfg = cfg_with([], tmp_path)
+    assert cfg.target._target_.endswith("load_smollm2")
+    assert cfg.bench.benchmarks == ["mt_bench", "gsm8k", "math500", "svamp"]
+    assert Path(cfg.paths.data_dir).is_dir()
+
+
+def test_unknown_key_fails(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="max_new_tokenz"):
+        cfg_with(["max_new_tokenz=3"], tmp_path)
+
+
+def test_unknown_group_option_fails(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="target"):
+        cfg_with(["target=gpt5"], tmp_path)
+
+
+def test_tiny_run_writes_agreeing_results(tmp_path):
+    cfg = cfg_with(
+        [*TINY, "logger=wandb", "eval.verify_lossless=true", "temperature=[0,1]"], tmp_path
+    )
+    out = run(cfg, tmp_path)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    rows = doc["rows"]
+    assert len(rows) == 8  # 4 benchmarks x 2 temperatures
+    with open(tmp_path / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    md = (tmp_path / "results.md").read_text()
+    for r, c in zip(rows, csv_rows, strict=True):
+        assert c["bench"] == r["bench"] and abs(float(c["tau"]) - r["tau"]) < 1e-9
+        assert f"{r['tau']:.2f}" in md
+        assert r["tau"] == pytest.approx(r["new_tokens"] / r["target_forwards"], abs=1e-4)
+    for r in rows:
+        if r["temperature"] == 0:
+            assert r["lossless"]["identical_fraction"] == 1.0
+    mt = next(r for r in rows if r["bench"] == "mt_bench")
+    assert mt["turns"] == 2 * mt["prompts"]
+    assert (tmp_path / "tau_heatmap.png").stat().st_size > 1000
+    assert out["paths"]["json"] == tmp_path / "results.json"
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = list(runs[0].rglob("*"))
+    assert any(p.name.endswith(".wandb") for p in files)
+    assert any("tau_grid" in p.name and p.suffix == ".json" for p in files)
+    assert any("tau_heatmap" in p.name and p.suffix == ".png" for p in files)

@@ -1,0 +1,113 @@
+"""Training pieces: pair construction, the EAGLE loss, and the content-keyed drafter cache."""
+
+from __future__ import annotations
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+import taps.training.train as train_mod
+from taps.config import CONF_DIR
+from taps.training.datamodule import PairDataset, collate
+from taps.training.features import FeatureSet
+from taps.training.losses import LossWeights, eagle_loss
+
+
+def test_pairs_shift_tokens_targets_and_mask_together():
+    ids = torch.tensor([10, 11, 12, 13, 14])
+    f = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, 3)
+    mask = torch.tensor([0, 0, 1, 1, 0], dtype=torch.uint8)
+    fs = FeatureSet(ids, f, mask, torch.tensor([0, 5]), {})
+    ex = PairDataset(fs)[0]
+    assert ex["tokens"].tolist() == [11, 12, 13, 14]  # f_t is paired with x_{t+1}
+    assert ex["f_in"][:, 0].tolist() == [0, 1, 2, 3]
+    assert ex["f_next"][:, 0].tolist() == [1, 2, 3, 4]  # g_t predicts f_{t+1}
+    # position t is supervised when x_{t+1} is an assistant token: the first assistant token
+    # (index 2) makes position 1 supervised, which the unshifted reference mask missed.
+    assert ex["mask"].tolist() == [0, 1, 1, 0]
+    batch = collate(
+        [ex, PairDataset(FeatureSet(ids[:3], f[:3], mask[:3], torch.tensor([0, 3]), {}))[0]]
+    )
+    assert batch["tokens"].shape == (2, 4) and batch["mask"][1].tolist() == [0, 1, 0, 0]
+
+
+def test_eagle_loss_terms():
+    torch.manual_seed(0)
+    W = torch.randn(50, 8)
+    f = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0], [0, 1, 1, 1, 0, 0]])
+    loss, m = eagle_loss(f.clone(), f, mask, W, LossWeights())
+    p = torch.softmax(f @ W.T, -1)
+    entropy = -(p * p.log()).sum(-1)[mask.bool()].mean()
+    assert m["feature_loss"] == 0
+    assert torch.allclose(m["token_loss"], entropy, atol=1e-5)
+    assert torch.allclose(loss, 0.1 * entropy, atol=1e-6)
+    g = f.clone()
+    g[~mask.bool()] += 5.0  # unsupervised positions do not count
+    assert torch.allclose(eagle_loss(g, f, mask, W, LossWeights())[0], loss)
+    g = f + 0.5 * mask[..., None]
+    _, m2 = eagle_loss(g, f, mask, W, LossWeights())
+    assert torch.allclose(m2["feature_loss"], torch.tensor(0.125))  # SmoothL1(0.5) = 0.125
+
+
+def tiny_cfg(tmp_path, *extra):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "target=tiny_random",
+                "data.max_len=192",
+                "trainer.max_epochs=1",
+                "data.components=[{source: mathinstruct, examples: 12}]",
+                *extra,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(tmp_path)
+    return cfg
+
+
+def test_drafter_cache_hit_and_invalidation(tmp_path, monkeypatch, cache_dir):
+    from hydra.utils import instantiate
+
+    calls = []
+    real_fit = train_mod.L.Trainer.fit
+
+    def counting_fit(self, *a, **k):
+        calls.append(1)
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(train_mod.L.Trainer, "fit", counting_fit)
+
+    def ensure(*extra):
+        cfg = tiny_cfg(tmp_path, *extra)
+        with open_dict(cfg):
+            cfg.target.cache_dir = cache_dir  # reuse the converted tokenizer
+        target = instantiate(cfg.target)
+        return train_mod.ensure_drafter(
+            target,
+            cfg.drafter,
+            cfg.data,
+            cfg.trainer,
+            cfg.paths.cache_dir,
+            cfg.paths.data_dir,
+            cfg.seed,
+        )
+
+    _, meta1 = ensure()
+    _, meta2 = ensure()
+    assert len(calls) == 1 and meta1["key"] == meta2["key"]  # second call: cache hit
+    for change in (
+        ["drafter.lr=0.002"],
+        ["data.max_len=160"],
+        ["seed=7"],
+        ["data.components=[{source: mathinstruct, examples: 11}]"],
+        ["trainer.max_epochs=2"],
+        ["target.seed=1"],
+    ):
+        _, meta = ensure(*change)
+        assert meta["key"] != meta1["key"], change
+    assert len(calls) == 7
+    ensure("trainer.log_every_n_steps=3")  # cosmetic: still a hit
+    assert len(calls) == 7
+    assert not list((tmp_path / "drafters").glob(".*tmp*"))  # no half-written entries
