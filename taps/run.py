@@ -18,7 +18,7 @@ from taps.data.benchmarks import load_benchmark
 from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
 from taps.eval.evaluate import run_bench, summarise
-from taps.eval.report import COLUMNS, flat, write_results
+from taps.eval.report import COLUMNS, NODE_COLUMNS, flat, write_results
 from taps.training.train import ensure_drafter
 
 log = logging.getLogger("taps.run")
@@ -98,12 +98,26 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         paths = write_results(run_dir, rows, meta)
         logger.log_table("tau_grid", COLUMNS, [list(flat(r).values()) for r in rows])
         logger.log_image("tau_heatmap", paths["heatmap"])
+        logger.log_image("acceptance_by_depth", paths["depth"])
+        logger.log_table(
+            "node_stats", NODE_COLUMNS, [[r.get(c) for c in NODE_COLUMNS] for r in rows]
+        )
+        depth_cols = ["variant", "bench", "temperature", "depth", "fraction"]
+        logger.log_table(
+            "acceptance_by_depth",
+            depth_cols,
+            [
+                [r["variant"], r["bench"], r["temperature"], d + 1, x]
+                for r in rows
+                for d, x in enumerate(r["acceptance_by_depth"])
+            ],
+        )
         logger.log_summary({f"tau/{r['bench']}/T{r['temperature']:g}": r["tau"] for r in rows})
     finally:
         logger.finish()
     print(
         f"\nresults: {paths['json']}\n  table: {paths['md']}\n  csv:   {paths['csv']}\n"
-        f"  plot:  {paths['heatmap']}"
+        f"  plots: {paths['heatmap']}\n         {paths['depth']}"
     )
     if logger.run_dir:
         print(f"  W&B offline run: {Path(logger.run_dir).parent}  (upload: wandb sync <dir>)")

@@ -70,3 +70,32 @@ def test_smollm2_matches_transformers(smollm2):
     ref = hf_copy(m)(x).logits
     assert (ours - ref).abs().max() < 1e-3
     assert int(ours[0, -1].argmax()) == int(ref[0, -1].argmax())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_adapter_matches_transformers(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from taps.models.llama import Llama
+
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).double().eval()
+    for p in ref.parameters():  # random biases and norm weights, so the test can fail
+        torch.nn.init.normal_(p, std=0.2)
+    ours = Llama(config).double().eval()
+    missing = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    x = torch.randint(0, 300, (1, 17))
+    with torch.no_grad():
+        assert (ours.logits(ours(x)) - ref(x).logits).abs().max() < 1e-4

@@ -73,6 +73,7 @@ def test_tiny_run_writes_agreeing_results(tmp_path):
     mt = next(r for r in rows if r["bench"] == "mt_bench")
     assert mt["turns"] == 2 * mt["prompts"]
     assert (tmp_path / "tau_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "acceptance_by_depth.png").stat().st_size > 1000
     assert out["paths"]["json"] == tmp_path / "results.json"
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

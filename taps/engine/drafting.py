@@ -35,6 +35,11 @@ def _entropy(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def _log_softmax(logits: Tensor) -> Tensor:
+    # At least float32 for scores and entropies; drafts need no more (verification decides).
+    return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
+
+
 class HeadDrafter:
     def __init__(self, head: DraftHead, spec: TreeSpec, index: int = 0) -> None:
         self.head = head
@@ -72,7 +77,7 @@ class HeadDrafter:
     def propose(self) -> DraftTree:
         k, spec, head = self.spec.top_k, self.spec, self.head
         committed = self.cache.length
-        logp = torch.log_softmax(head.logits(self.last_g).double(), -1)
+        logp = _log_softmax(head.logits(self.last_g))
         top = logp.topk(k)
         # Candidate lists: token, parent candidate (-1 = root), score, own log-prob, entropy.
         tok = top.indices.tolist()
@@ -98,7 +103,7 @@ class HeadDrafter:
                     a = par[a]
                 mask[row, committed + base + row] = True
             g = head(feats, toks, pos[None], self.cache, mask.to(self.device))[0]
-            logp = torch.log_softmax(head.logits(g).double(), -1)
+            logp = _log_softmax(head.logits(g))
             top = logp.topk(k, dim=-1)
             ents = _entropy(logp).tolist()
             children = []

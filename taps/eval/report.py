@@ -130,6 +130,37 @@ def heatmap(rows: list[dict], path: str | Path) -> None:
     tmp.replace(path)
 
 
+def depth_plot(rows: list[dict], path: str | Path) -> None:
+    """Fraction of cycles accepting at least d draft tokens, one curve per row."""
+    temps = sorted({r["temperature"] for r in rows})
+    fig, axes = plt.subplots(1, len(temps), squeeze=False, figsize=(5 * len(temps), 3.6))
+    for ax, temp in zip(axes[0], temps, strict=True):
+        for r in rows:
+            if r["temperature"] == temp and r.get("acceptance_by_depth"):
+                d = r["acceptance_by_depth"]
+                ax.plot(range(1, len(d) + 1), d, marker="o", label=f"{r['variant']} {r['bench']}")
+        ax.set_xlabel("draft depth d")
+        ax.set_ylabel("cycles accepting >= d tokens")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"acceptance by depth, T={temp:g}")
+        ax.legend(fontsize=7)
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+NODE_COLUMNS = [
+    "variant",
+    "bench",
+    "temperature",
+    "accepted_confidence",
+    "rejected_confidence",
+    "accepted_entropy",
+    "rejected_entropy",
+]
+
+
 def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str, Path]:
     run_dir = Path(run_dir)
     paths = {
@@ -137,10 +168,12 @@ def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str
         "csv": run_dir / "results.csv",
         "md": run_dir / "results.md",
         "heatmap": run_dir / "tau_heatmap.png",
+        "depth": run_dir / "acceptance_by_depth.png",
     }
     doc = {"schema_version": SCHEMA_VERSION, **meta, "rows": rows}
     atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str))
     atomic_write_text(paths["csv"], to_csv(rows))
     atomic_write_text(paths["md"], to_markdown(rows))
     heatmap(rows, paths["heatmap"])
+    depth_plot(rows, paths["depth"])
     return paths

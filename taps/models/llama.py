@@ -1,4 +1,4 @@
-"""A lean Llama that loads Hugging Face weights, with an explicit preallocated KV cache.
+"""A lean Llama (and Qwen2/Qwen3) that loads Hugging Face weights, with an explicit preallocated KV cache.
 
 Speculative decoding needs three things transformers' generic model makes awkward: arbitrary
 (tree) attention masks over a cache, depth-based position ids, and in-place compaction of the
@@ -125,11 +125,18 @@ class Attention(nn.Module):
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or h // self.n_heads
         self.layer_idx = layer_idx
+        # The Qwen adapter: Qwen2 has q/k/v biases (no o bias), Qwen3 RMS-norms q and k per head.
+        family = getattr(config, "model_type", "llama")
         bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        qkv_bias = bias or family == "qwen2"
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias and family != "qwen2")
+        self.qk_norm = family == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None, mask: Tensor | None
@@ -138,6 +145,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin

@@ -1,0 +1,64 @@
+"""Aggregates and the lossless comparison used in results.json."""
+
+from __future__ import annotations
+
+from taps.engine.stats import CycleStats, Generation
+from taps.eval.evaluate import _compare
+from taps.eval.metrics import acceptance_by_depth, node_stats, tau
+from taps.eval.report import to_csv, to_markdown
+
+
+def gen(accepted: list[int], new: int) -> Generation:
+    cycles = [
+        CycleStats(
+            accepted=a,
+            tree_size=6,
+            drafter=0,
+            draft_forwards=5,
+            node_confidence=[0.9, 0.5],
+            node_entropy=[1.0, 3.0],
+            node_depth=[1, 2],
+            node_accepted=[True, False],
+        )
+        for a in accepted
+    ]
+    return Generation(
+        tokens=list(range(new)), target_forwards=1 + len(accepted), wall_time_s=1.0, cycles=cycles
+    )
+
+
+def test_tau_is_token_weighted_with_prefill():
+    a, b = gen([2, 0, 1], 7), gen([4], 6)  # 1 + (3 + 1 + 2) = 7 tokens; 1 + 5 = 6 tokens
+    assert tau([a]) == 7 / 4 and tau([b]) == 6 / 2
+    assert tau([a, b]) == 13 / 6
+
+
+def test_acceptance_by_depth_and_node_stats():
+    g = gen([2, 0, 1, 4], 12)
+    assert acceptance_by_depth([g], 5) == [0.75, 0.5, 0.25, 0.25, 0.0]
+    s = node_stats([g])
+    assert s["accepted_confidence"] == 0.9 and s["rejected_entropy"] == 3.0
+
+
+def test_compare_reports_divergence_and_gap():
+    ref = Generation(
+        tokens=[5, 6, 7, 8], target_forwards=4, wall_time_s=0, top2_gaps=[3.0, 2.0, 1e-5, 4.0]
+    )
+    assert _compare([5, 6, 7, 8], ref, 1e-3) == {"identical": True}
+    d = _compare([5, 6, 9, 8], ref, 1e-3)
+    assert d["position"] == 2 and d["near_tie"] and d["top2_gap"] == 1e-5
+    d = _compare([5, 9], ref, 1e-3)
+    assert d["position"] == 1 and not d["near_tie"]
+
+
+def test_tables_hold_every_row():
+    rows = [
+        {"variant": v, "bench": b, "temperature": t, "tau": 1.5 + i / 10}
+        for i, (v, b, t) in enumerate(
+            [("a", "gsm8k", 0.0), ("a", "mt_bench", 0.0), ("b", "gsm8k", 1.0)]
+        )
+    ]
+    csv = to_csv(rows).splitlines()
+    assert len(csv) == 4 and csv[0].startswith("variant,")
+    md = to_markdown(rows)
+    assert "tau at T=0" in md and "tau at T=1" in md and "1.60" in md and "1.70" in md
