@@ -111,3 +111,25 @@ def test_drafter_cache_hit_and_invalidation(tmp_path, monkeypatch, cache_dir):
     ensure("trainer.log_every_n_steps=3")  # cosmetic: still a hit
     assert len(calls) == 7
     assert not list((tmp_path / "drafters").glob(".*tmp*"))  # no half-written entries
+
+
+def test_target_key_ignores_install_path(tmp_path, cache_dir):
+    import json
+    import shutil
+
+    from taps.models.target import convert_gguf, smollm2_gguf_path, weights_key
+
+    src = convert_gguf(smollm2_gguf_path(), cache_dir)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, where in ((a, "/one/venv"), (b, "/another/venv")):
+        d.mkdir()
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["_name_or_path"] = where
+        (d / "config.json").write_text(json.dumps(cfg))
+        shutil.copy(src / "model.safetensors", d / "model.safetensors")
+    key = weights_key(a, [a / "model.safetensors"])
+    assert key == weights_key(b, [b / "model.safetensors"])
+    with open(b / "model.safetensors", "r+b") as f:  # different weights: different key
+        f.seek(-8, 2)
+        f.write(b"\x00\x01\x02\x03\x04\x05\x06\x07")
+    assert key != weights_key(b, [b / "model.safetensors"])

@@ -118,8 +118,17 @@ def heatmap(rows: list[dict], path: str | Path) -> None:
         im = ax.imshow(grid, cmap="viridis", vmin=1.0, vmax=max(vmax, 1.01), aspect="auto")
         for i, line in enumerate(grid):
             for j, val in enumerate(line):
-                if val == val:
-                    ax.text(j, i, f"{val:.2f}", ha="center", va="center", color="w", fontsize=9)
+                if val == val:  # not NaN; dark text on the bright end of viridis
+                    dark = (val - 1.0) / max(vmax - 1.0, 0.01) > 0.6
+                    ax.text(
+                        j,
+                        i,
+                        f"{val:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="k" if dark else "w",
+                    )
         ax.set_xticks(range(len(benches)), benches, rotation=30, ha="right")
         ax.set_yticks(range(len(variants)), variants)
         ax.set_title(f"acceptance length tau, T={temp:g}")
@@ -139,6 +148,9 @@ def depth_plot(rows: list[dict], path: str | Path) -> None:
             if r["temperature"] == temp and r.get("acceptance_by_depth"):
                 d = r["acceptance_by_depth"]
                 ax.plot(range(1, len(d) + 1), d, marker="o", label=f"{r['variant']} {r['bench']}")
+        ax.set_xticks(
+            range(1, 1 + max((len(r.get("acceptance_by_depth") or []) for r in rows), default=1))
+        )
         ax.set_xlabel("draft depth d")
         ax.set_ylabel("cycles accepting >= d tokens")
         ax.set_ylim(0, 1)

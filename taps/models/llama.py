@@ -138,20 +138,37 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None, mask: Tensor | None
-    ) -> Tensor:
+    def _kv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            k = self.k_norm(k)
+        cos, sin = rope
+        return k * cos + _rotate_half(k) * sin, v
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache | None,
+        mask: Tensor | None,
+        context: tuple[Tensor, tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        """`context` = (inputs, rope) of extra key/value positions placed before x's own (HASS
+        training attends to earlier rounds' predictions this way); the mask covers both."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q = self.q_norm(q)
         cos, sin = rope
         q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        k, v = self._kv(x, rope)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
+        if context is not None:
+            ck, cv = self._kv(*context)
+            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
         # Causal over the new block when no explicit mask is given and nothing precedes it.
         causal = mask is None and k.shape[2] == n and n > 1
         if mask is None and not causal and n > 1:
@@ -193,9 +210,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None, mask: Tensor | None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache | None,
+        mask: Tensor | None,
+        context: tuple[Tensor, tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask)
+        if context is not None:
+            context = (self.input_layernorm(context[0]), context[1])
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask, context)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

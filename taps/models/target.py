@@ -127,7 +127,10 @@ def load_local(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
 def weights_key(path: Path, files: list[Path]) -> str:
     """Identify weights without hashing gigabytes: config, sizes, and the first and last MiB
     of each file (a fine-tune changes those bytes too)."""
-    parts: list[object] = [(path / "config.json").read_text()]
+    config = json.loads((path / "config.json").read_text())
+    for where in ("_name_or_path", "transformers_version"):  # where, not what: keep keys portable
+        config.pop(where, None)
+    parts: list[object] = [config]
     for f in files:
         size = f.stat().st_size
         with open(f, "rb") as fh:

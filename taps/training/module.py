@@ -1,4 +1,4 @@
-"""Lightning module training a draft head on cached target features (EAGLE-2 objective)."""
+"""Lightning module training a draft head on cached target features (EAGLE-2 or HASS)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from taps.models.draft_head import DraftHead
+from taps.training.hass import HassConfig, hass_loss
 from taps.training.losses import LossWeights, eagle_loss
 
 
@@ -19,12 +20,14 @@ class DraftModule(L.LightningModule):
         warmup_steps: int = 50,
         noise: float = 0.1,
         weights: LossWeights | None = None,
+        hass: HassConfig | None = None,
     ) -> None:
         super().__init__()
         self.head = head
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_steps, self.noise = warmup_steps, noise
         self.weights = weights or LossWeights()
+        self.hass = hass  # None: the EAGLE-2 objective
 
     def _step(
         self, batch: dict[str, torch.Tensor], train: bool
@@ -33,6 +36,9 @@ class DraftModule(L.LightningModule):
         if train and self.noise > 0:
             # Uniform input noise, not scaled by sequence length (a reference-code mistake).
             f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * self.noise
+        if self.hass is not None:
+            return hass_loss(self.head, f_in, batch["tokens"], batch["f_next"], batch["mask"],
+                             self.weights, self.hass)  # fmt: skip
         g = self.head(f_in, batch["tokens"])
         return eagle_loss(g, batch["f_next"], batch["mask"], self.head.lm_head_weight, self.weights)
 

@@ -25,6 +25,7 @@ from taps.models.target import Target
 from taps.paths import atomic_dir, content_key
 from taps.training.datamodule import FeatureDataModule
 from taps.training.features import FEATURES_VERSION, cached_features, features_key
+from taps.training.hass import HassConfig
 from taps.training.losses import LossWeights
 from taps.training.module import DraftModule
 
@@ -36,6 +37,14 @@ _COSMETIC = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary",
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def hass_config(drafter: DictConfig) -> HassConfig | None:
+    if drafter.objective == "eagle2":
+        return None
+    if drafter.objective != "hass":
+        raise ValueError(f"drafter.objective={drafter.objective!r}: expected 'eagle2' or 'hass'")
+    return HassConfig(drafter.hass_steps, drafter.topk, drafter.topk_weight)
 
 
 def ensure_drafter(
@@ -89,6 +98,7 @@ def ensure_drafter(
         warmup_steps=drafter.warmup_steps,
         noise=drafter.noise,
         weights=LossWeights(drafter.feature_weight, drafter.token_weight),
+        hass=hass_config(drafter),
     )
     dm = FeatureDataModule(train_fs, val_fs, drafter.batch_size, seed)
     with atomic_dir(out) as tmp:

@@ -1,0 +1,105 @@
+"""HASS context alignment: exact key sets per query, step 1 == EAGLE-2, -inf masking."""
+
+from __future__ import annotations
+
+import torch
+
+from taps.models.draft_head import DraftHead
+from taps.training.hass import HassConfig, alignment_mask, hass_forward, hass_loss
+from taps.training.losses import LossWeights, eagle_loss
+
+
+def visible(mask: torch.Tensor, n: int) -> list[list[tuple[int, int]]]:
+    """(set, position) pairs each query may attend to."""
+    return [[(int(c) // n, int(c) % n) for c in row.nonzero()] for row in mask]
+
+
+def test_alignment_masks_pin_every_key():
+    n = 5
+    assert visible(alignment_mask(n, 0), n)[3] == [(0, 0), (0, 1), (0, 2), (0, 3)]  # causal
+    step2 = visible(alignment_mask(n, 1), n)
+    assert step2[0] == [(1, 0)]  # nothing real before it: only itself
+    assert step2[3] == [(0, 0), (0, 1), (0, 2), (1, 3)]  # real <= r-1, then itself
+    step3 = visible(alignment_mask(n, 2), n)
+    assert step3[0] == [(2, 0)]
+    assert step3[1] == [(1, 0), (2, 1)]
+    # query 4 at depth 3: real keys <= 2, its depth-2 draft at 3 (set 1), itself at 4 (set 2)
+    assert step3[4] == [(0, 0), (0, 1), (0, 2), (1, 3), (2, 4)]
+
+
+def head_and_batch(tiny64):
+    torch.manual_seed(0)
+    head = DraftHead.for_target(tiny64.model)
+    b, n, h = 2, 9, tiny64.model.config.hidden_size
+    f = torch.randn(b, n + 1, h, dtype=torch.float64)
+    tokens = torch.randint(0, 1000, (b, n))
+    mask = torch.ones(b, n, dtype=torch.uint8)
+    mask[1, 6:] = 0  # right padding in the second row
+    return head, f[:, :-1], tokens, f[:, 1:], mask
+
+
+def test_step_one_is_eagle_training(tiny64):
+    head, f_in, tokens, f_next, mask = head_and_batch(tiny64)
+    w = LossWeights()
+    hass, _ = hass_loss(head, f_in, tokens, f_next, mask, w, HassConfig(1, 10, 0.0))
+    eagle, _ = eagle_loss(head(f_in, tokens), f_next, mask, head.lm_head_weight, w)
+    assert torch.allclose(hass, eagle, atol=1e-12)
+
+
+def test_later_steps_ignore_masked_keys_and_padding(tiny64):
+    head, f_in, tokens, f_next, mask = head_and_batch(tiny64)
+    w = LossWeights()
+    cfg = HassConfig(3, 10, 1.0)
+    base, m = hass_loss(head, f_in, tokens, f_next, mask, w, cfg)
+    assert {"step1/loss", "step2/loss", "step3/loss", "step3/topk_loss"} <= set(m)
+    # Changing padded inputs (row 1, positions >= 6 carry loss mask 0 and are at the end)
+    # must not change the loss: no supervised query can see them.
+    f2 = f_in.clone()
+    f2[1, 7:] += 3.0
+    t2 = tokens.clone()
+    t2[1, 7:] = 5
+    same, _ = hass_loss(head, f2, t2, f_next, mask, w, cfg)
+    assert torch.allclose(base, same, atol=1e-10)
+
+
+def test_step_k_equals_inference_drafting_at_depth_k(tiny64):
+    """g^{k+1}[r] must equal what the head computes at inference when real features stop at
+    r-k and it feeds its own outputs forward k times (teacher-forced tokens)."""
+    head, f_in, tokens, _, _ = head_and_batch(tiny64)
+    outs = hass_forward(head, f_in[:1], tokens[:1], steps=3)
+    for k in range(3):
+        for r in range(k, 9):
+            cache = head.new_cache(16)
+            real = r - k + 1  # real pairs at positions 0..r-k
+            g = head(f_in[:1, :real], tokens[:1, :real], cache=cache)[0, -1]
+            for p in range(real, r + 1):  # k draft steps along the chain
+                g = head(g[None, None], tokens[:1, p : p + 1], cache=cache)[0, -1]
+            assert torch.allclose(outs[k][0, r], g, atol=1e-10), (k, r)
+
+
+def test_hass_drafter_config_trains(tmp_path, cache_dir):
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from taps.training.train import ensure_drafter
+    from tests.test_training import tiny_cfg
+
+    keys = {}
+    for drafter in ("eagle2", "hass"):
+        cfg = tiny_cfg(tmp_path, f"drafter={drafter}")
+        with open_dict(cfg):
+            cfg.target.cache_dir = cache_dir
+        assert cfg.drafter.lr == 1e-3 and cfg.drafter.batch_size == 4  # inherited from eagle2
+        _, meta = ensure_drafter(
+            instantiate(cfg.target),
+            cfg.drafter,
+            cfg.data,
+            cfg.trainer,
+            cfg.paths.cache_dir,
+            cfg.paths.data_dir,
+            cfg.seed,
+        )
+        keys[drafter] = meta["key"]
+        assert meta["drafter"]["objective"] == drafter
+    assert keys["eagle2"] != keys["hass"]
+    assert "step3/loss" in str(meta["final_metrics"])
