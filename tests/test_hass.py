@@ -78,27 +78,13 @@ def test_step_k_equals_inference_drafting_at_depth_k(tiny64):
 
 
 def test_hass_drafter_config_trains(tmp_path, cache_dir):
-    from hydra.utils import instantiate
-    from omegaconf import open_dict
-
-    from taps.training.train import ensure_drafter
-    from tests.test_training import tiny_cfg
+    from tests.test_training import tiny_cfg, train_tiny
 
     keys = {}
     for drafter in ("eagle2", "hass"):
         cfg = tiny_cfg(tmp_path, f"drafter={drafter}")
-        with open_dict(cfg):
-            cfg.target.cache_dir = cache_dir
         assert cfg.drafter.lr == 1e-3 and cfg.drafter.batch_size == 4  # inherited from eagle2
-        _, meta = ensure_drafter(
-            instantiate(cfg.target),
-            cfg.drafter,
-            cfg.data,
-            cfg.trainer,
-            cfg.paths.cache_dir,
-            cfg.paths.data_dir,
-            cfg.seed,
-        )
+        _, meta = train_tiny(tmp_path, cache_dir, f"drafter={drafter}")
         keys[drafter] = meta["key"]
         assert meta["drafter"]["objective"] == drafter
     assert keys["eagle2"] != keys["hass"]

@@ -67,9 +67,25 @@ def tiny_cfg(tmp_path, *extra):
     return cfg
 
 
-def test_drafter_cache_hit_and_invalidation(tmp_path, monkeypatch, cache_dir):
+def train_tiny(tmp_path, cache_dir, *extra):
+    """ensure_drafter on the tiny target with a private drafter cache in tmp_path."""
     from hydra.utils import instantiate
 
+    cfg = tiny_cfg(tmp_path, *extra)
+    with open_dict(cfg):
+        cfg.target.cache_dir = cache_dir  # reuse the converted tokenizer
+    return train_mod.ensure_drafter(
+        instantiate(cfg.target),
+        cfg.drafter,
+        cfg.data,
+        cfg.trainer,
+        cfg.paths.cache_dir,
+        cfg.paths.data_dir,
+        cfg.seed,
+    )
+
+
+def test_drafter_cache_hit_and_invalidation(tmp_path, monkeypatch, cache_dir):
     calls = []
     real_fit = train_mod.L.Trainer.fit
 
@@ -80,19 +96,7 @@ def test_drafter_cache_hit_and_invalidation(tmp_path, monkeypatch, cache_dir):
     monkeypatch.setattr(train_mod.L.Trainer, "fit", counting_fit)
 
     def ensure(*extra):
-        cfg = tiny_cfg(tmp_path, *extra)
-        with open_dict(cfg):
-            cfg.target.cache_dir = cache_dir  # reuse the converted tokenizer
-        target = instantiate(cfg.target)
-        return train_mod.ensure_drafter(
-            target,
-            cfg.drafter,
-            cfg.data,
-            cfg.trainer,
-            cfg.paths.cache_dir,
-            cfg.paths.data_dir,
-            cfg.seed,
-        )
+        return train_tiny(tmp_path, cache_dir, *extra)
 
     _, meta1 = ensure()
     _, meta2 = ensure()
