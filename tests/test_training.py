@@ -47,6 +47,14 @@ def test_eagle_loss_terms():
     assert torch.allclose(eagle_loss(g, f, mask, W, LossWeights())[0], loss)
     g = f + 0.5 * mask[..., None]
     _, m2 = eagle_loss(g, f, mask, W, LossWeights())
+    # HASS's top-K distillation term: -sum over the target's top 3 of p log q, p not renormalised
+    loss3, m3 = eagle_loss(g, f, mask, W, LossWeights(), topk=3, topk_weight=2.0)
+    sel = mask.bool()
+    pt, q = p[sel], torch.log_softmax(g[sel] @ W.T, -1)
+    top = pt.topk(3, dim=-1)
+    want = -(top.values * q.gather(-1, top.indices)).sum(-1).mean()
+    assert torch.allclose(m3["topk_loss"], want, atol=1e-5)
+    assert torch.allclose(loss3, m2["loss"] + 2.0 * want, atol=1e-5)
     assert torch.allclose(m2["feature_loss"], torch.tensor(0.125))  # SmoothL1(0.5) = 0.125
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taps.models.draft_head import DraftHead
-from taps.training.losses import LossWeights, eagle_loss
+from taps.training.losses import LossWeights, eagle_loss, target_probs_at
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,6 @@ def alignment_mask(n: int, k: int, device: torch.device | str = "cpu") -> Tensor
     return torch.cat(blocks, dim=1)
 
 
-def topk_distill(g: Tensor, f_next: Tensor, mask: Tensor, lm_head: Tensor, k: int) -> Tensor:
-    """-sum over the target's top-k tokens of p(v) log q(v), mean over supervised positions."""
-    sel = mask.bool()
-    gs, fs = g[sel], f_next[sel].to(g.dtype)
-    with torch.no_grad():
-        p = torch.softmax(fs @ lm_head.T, dim=-1)
-        top_p, top_i = p.topk(k, dim=-1)
-    logq = torch.log_softmax(gs @ lm_head.T, dim=-1).gather(-1, top_i)
-    return -(top_p * logq).sum(-1).sum() / sel.sum().clamp(min=1)
-
-
 def hass_forward(head: DraftHead, f_in: Tensor, tokens: Tensor, steps: int) -> list[Tensor]:
     """The head's outputs g^1..g^steps; g^{k+1}[r] is what it drafts at depth k+1 from r."""
     b, n, _ = f_in.shape
@@ -66,8 +55,8 @@ def hass_forward(head: DraftHead, f_in: Tensor, tokens: Tensor, steps: int) -> l
         else:
             ctx = torch.cat(sets[:k], dim=1)
             ctx_rope = tuple(torch.cat([c] * k, dim=2) for c in rope)
-            g = head.layer(sets[k], rope, None, alignment_mask(n, k, f_in.device),
-                           context=(ctx, ctx_rope))  # fmt: skip
+            mask = alignment_mask(n, k, f_in.device)
+            g = head.layer(sets[k], rope, None, mask, context=(ctx, ctx_rope))
         outs.append(g)
         if k + 1 < steps:
             shifted = torch.cat([f_in[:, :1], g[:, :-1].detach().to(f_in.dtype)], dim=1)
@@ -87,12 +76,11 @@ def hass_loss(
     """Sum over alignment steps of (EAGLE-2 loss + topk_weight * top-K distillation)."""
     total = torch.zeros((), device=f_in.device)
     metrics: dict[str, Tensor] = {}
+    p = target_probs_at(f_next.to(f_in.dtype), mask, head.lm_head_weight)
     for k, g in enumerate(hass_forward(head, f_in, tokens, cfg.steps)):
-        loss, m = eagle_loss(g, f_next, mask, head.lm_head_weight, weights)
-        if cfg.topk_weight > 0:
-            distill = topk_distill(g, f_next, mask, head.lm_head_weight, cfg.topk)
-            loss = loss + cfg.topk_weight * distill
-            m["topk_loss"] = distill.detach()
+        loss, m = eagle_loss(
+            g, f_next, mask, head.lm_head_weight, weights, p, cfg.topk, cfg.topk_weight
+        )
         total = total + loss
         metrics.update({f"step{k + 1}/{name}": v for name, v in m.items()})
     metrics["loss"] = total.detach()
