@@ -80,7 +80,7 @@ class HeadDrafter:
         logp = _log_softmax(head.logits(self.last_g))
         top = logp.topk(k)
         # Candidate lists: token, parent candidate (-1 = root), score, own log-prob, entropy.
-        tok = top.indices.tolist()
+        tok = head.to_target(top.indices).tolist()
         par = [-1] * k
         score = top.values.tolist()
         lp = list(score)
@@ -110,7 +110,8 @@ class HeadDrafter:
             for row, c in enumerate(frontier):
                 slot[c] = base + row
                 g_of[c] = g[row]
-                for v, t in zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True):
+                ids = head.to_target(top.indices[row]).tolist()
+                for v, t in zip(top.values[row].tolist(), ids, strict=True):
                     tok.append(t)
                     par.append(c)
                     score.append(score[c] + v)

@@ -3,6 +3,10 @@
 Input at position t: z_t = fc(concat(E[x_{t+1}], f_t)) -- the token is the one *after* the
 feature's position. One Llama decoder layer without its input norm; its output g_t predicts
 f_{t+1}, and the target's frozen LM head turns g_t into draft logits.
+
+Optional draft vocabulary (EAGLE-3 / FR-Spec style): with `d2t` (draft index -> target token
+id, saved with the weights) the head scores only those rows of the LM head, which is most of
+a small head's cost; drafted indices are mapped back to target ids with `to_target`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ HEAD_VERSION = "eagle-head-v1"
 
 
 class DraftHead(nn.Module):
-    def __init__(self, config, embed: Tensor, lm_head: Tensor, bias: bool = True) -> None:
+    def __init__(
+        self,
+        config,
+        embed: Tensor,
+        lm_head: Tensor,
+        bias: bool = True,
+        d2t: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         h = config.hidden_size
@@ -30,12 +41,26 @@ class DraftHead(nn.Module):
         self.rotary = Rotary(config)
         # Shared with the target and frozen: buffers move with the module but are not saved.
         self.register_buffer("embed_weight", embed.detach(), persistent=False)
-        self.register_buffer("lm_head_weight", lm_head.detach(), persistent=False)
+        # The full head stays for metrics against the target's own argmax.
+        self.register_buffer("lm_head_full", lm_head.detach(), persistent=False)
+        if d2t is None:
+            self.d2t = None
+            self.register_buffer("lm_head_weight", lm_head.detach(), persistent=False)
+        else:
+            d2t = d2t.to(device=lm_head.device, dtype=torch.long)
+            if d2t.ndim != 1 or d2t.numel() == 0 or int(d2t.max()) >= lm_head.shape[0]:
+                raise ValueError(f"d2t must be 1-D target ids < {lm_head.shape[0]}")
+            self.register_buffer("d2t", d2t)
+            self.register_buffer("lm_head_weight", lm_head.detach()[d2t], persistent=False)
 
     @classmethod
-    def for_target(cls, target: Llama, bias: bool = True) -> DraftHead:
+    def for_target(cls, target: Llama, bias: bool = True, d2t: Tensor | None = None) -> DraftHead:
         head = cls(
-            target.config, target.model.embed_tokens.weight, target.lm_head.weight, bias=bias
+            target.config,
+            target.model.embed_tokens.weight,
+            target.lm_head.weight,
+            bias=bias,
+            d2t=d2t,
         )
         return head.to(target.lm_head.weight.dtype)
 
@@ -64,8 +89,17 @@ class DraftHead(nn.Module):
             cache.advance(n)
         return out
 
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head_weight.shape[0]
+
     def logits(self, g: Tensor) -> Tensor:
+        """Draft logits over the draft vocabulary (the full one unless d2t is set)."""
         return g @ self.lm_head_weight.T
+
+    def to_target(self, ids: Tensor) -> Tensor:
+        """Draft-vocabulary indices -> target token ids."""
+        return ids if self.d2t is None else self.d2t[ids]
 
 
 def save_head(head: DraftHead, directory: str | Path, meta: dict) -> None:
@@ -74,7 +108,12 @@ def save_head(head: DraftHead, directory: str | Path, meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     save_file(state, str(directory / "head.safetensors"))
-    meta = {**meta, "head_version": HEAD_VERSION, "bias": head.fc.bias is not None}
+    meta = {
+        **meta,
+        "head_version": HEAD_VERSION,
+        "bias": head.fc.bias is not None,
+        "draft_vocab": head.vocab_size if head.d2t is not None else None,
+    }
     (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -88,6 +127,6 @@ def load_head(directory: str | Path, target: Llama) -> tuple[DraftHead, dict]:
             f"{directory}: head hidden size {state['fc.weight'].shape[0]} does not match "
             f"the target's {h} (checkpoint for another target?)"
         )
-    head = DraftHead.for_target(target, bias=bool(meta.get("bias", True)))
+    head = DraftHead.for_target(target, bias=bool(meta.get("bias", True)), d2t=state.get("d2t"))
     head.load_state_dict(state)
     return head.to(target.lm_head.weight.device).eval(), meta
