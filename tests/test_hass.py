@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from taps.models.draft_head import DraftHead
 from taps.training.hass import HassConfig, alignment_mask, hass_forward, hass_loss
@@ -89,3 +90,56 @@ def test_hass_drafter_config_trains(tmp_path, cache_dir):
         assert meta["drafter"]["objective"] == drafter
     assert keys["eagle2"] != keys["hass"]
     assert "step3/loss" in str(meta["final_metrics"])
+
+
+def test_two_stage_schedule(tmp_path, cache_dir):
+    """Stage 1 (epoch 0) trains without top-K distillation; stage 2 with it at lr x 0.1."""
+    import lightning as L
+
+    from tests.test_training import train_tiny
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, idx):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            seen.append((trainer.current_epoch, module._first_stage(), lr))
+
+    settings = ["drafter=hass", "drafter.two_stage=true", "trainer.max_epochs=2",
+                "data.components=[{source: mathinstruct, examples: 30}]"]  # fmt: skip
+    _, meta = train_tiny(tmp_path, cache_dir, *settings, callbacks=[Record()])
+    assert all(first == (epoch == 0) for epoch, first, _ in seen)
+    last0 = [lr for e, _, lr in seen if e == 0][-1]
+    first1 = [lr for e, _, lr in seen if e == 1][0]
+    assert 0.05 * last0 < first1 < 0.15 * last0
+    _, one = train_tiny(tmp_path, cache_dir, *settings[:1], *settings[2:])
+    assert one["key"] != meta["key"]  # the schedule is part of the drafter's identity
+
+
+def test_rollout_metrics_chain_acceptance(monkeypatch):
+    """Top-1 per depth and the simulated chain acceptance from a known pattern of hits."""
+    import taps.training.metrics as metrics_mod
+
+    n, v = 6, 8
+    want = torch.tensor([1, 2, 3, 4, 5, 6])
+    hits = {1: {0, 1, 2, 3, 4, 5}, 2: {1, 2, 3}, 3: {3}}  # depth -> positions drafted right
+
+    def out(d):
+        return torch.stack([F.one_hot(want[t] if t in hits[d] else torch.tensor(0), v).double()
+                            for t in range(n)])[None]  # fmt: skip
+
+    class Head:
+        lm_head_full = torch.eye(v, dtype=torch.float64)
+
+        def logits(self, g):
+            return g @ self.lm_head_full.T
+
+        def to_target(self, i):
+            return i
+
+    monkeypatch.setattr(metrics_mod, "hass_forward", lambda *a: [out(1), out(2), out(3)])
+    f_next = F.one_hot(want, v).double()[None]
+    m = metrics_mod.rollout_metrics(Head(), None, None, f_next, torch.ones(1, n), 3)
+    assert m["top1_d1"] == 1 and m["top1_d2"] == 0.5 and abs(m["top1_d3"] - 1 / 6) < 1e-9
+    # Chains from s = 0..5 accept 2, 3, 2, 1, 1, 1 tokens.
+    assert abs(float(m["sim_tau"]) - (1 + 10 / 6)) < 1e-6

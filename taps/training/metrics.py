@@ -1,0 +1,43 @@
+"""Held-out drafter metrics under the drafter's own rollout, as it will draft at inference.
+
+`hass_forward` gives g^d[t]: the head's output at position t when its context holds real
+features only up to t-d+1 and its own predictions after that, i.e. depth d of a draft chain
+that started after position t-d+1. Top-1 at depth d compares its argmax with the target's
+(full-vocabulary) argmax. A chain drafted after position s is accepted through depth d when
+depths 1..d are all right at s, s+1, .., s+d-1; the simulated acceptance length is 1 plus the
+mean accepted depth over start positions (greedy chain drafting, rollout tokens = data tokens,
+which is exact where the data are the target's own greedy responses).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from taps.models.draft_head import DraftHead
+from taps.training.hass import hass_forward
+
+
+@torch.no_grad()
+def rollout_metrics(
+    head: DraftHead, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor, depth: int
+) -> dict[str, Tensor]:
+    sel = mask.bool()
+    count = sel.sum().clamp(min=1)
+    fs = f_next[sel].to(head.lm_head_full.dtype)
+    want = (fs @ head.lm_head_full.T).argmax(-1)
+    n = sel.shape[1]
+    run = sel.clone()
+    accepted = torch.zeros((), device=sel.device)
+    out: dict[str, Tensor] = {}
+    for d, g in enumerate(hass_forward(head, f_in, tokens, depth)):
+        right = torch.zeros_like(sel)
+        right[sel] = head.to_target(head.logits(g[sel]).argmax(-1)) == want
+        out[f"top1_d{d + 1}"] = right.sum() / count
+        # Depth d+1 of the chain started at s is checked at position s+d.
+        shifted = torch.zeros_like(sel)
+        shifted[:, : n - d] = right[:, d:]
+        run = run & shifted
+        accepted = accepted + run.sum()
+    out["sim_tau"] = 1 + accepted / count
+    return out
