@@ -75,7 +75,7 @@ def tiny_cfg(tmp_path, *extra):
     return cfg
 
 
-def train_tiny(tmp_path, cache_dir, *extra):
+def train_tiny(tmp_path, cache_dir, *extra, callbacks=None):
     """ensure_drafter on the tiny target with a private drafter cache in tmp_path."""
     from hydra.utils import instantiate
 
@@ -90,6 +90,7 @@ def train_tiny(tmp_path, cache_dir, *extra):
         cfg.paths.cache_dir,
         cfg.paths.data_dir,
         cfg.seed,
+        callbacks=callbacks,
     )
 
 

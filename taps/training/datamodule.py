@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from taps.training.features import FeatureSet
+from taps.training.resume import EpochBatchSampler, ResumableLoader
 
 
 class PairDataset(Dataset):
@@ -51,14 +52,25 @@ class FeatureDataModule(L.LightningDataModule):
         self.train_set = PairDataset(train)
         self.val_set = PairDataset(val) if val is not None else None
         self.batch_size, self.seed = batch_size, seed
+        self.sampler = EpochBatchSampler(len(self.train_set), batch_size, seed)
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_set, self.batch_size, shuffle=True, collate_fn=collate, generator=g
+        # Own generators: creating an iterator draws a seed, which must not consume the global
+        # RNG that drives input noise (a resumed run would otherwise get other noise).
+        return ResumableLoader(
+            self.train_set,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, self.batch_size, shuffle=False, collate_fn=collate)
+        return DataLoader(
+            self.val_set,
+            self.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed),
+        )

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from taps.data.conversations import DataError
-from taps.data.mixture import build_mixture
+from taps.data.mixture import build_mixture, select_budget
 from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head, save_head
 from taps.models.target import Target
 from taps.paths import atomic_dir, content_key
@@ -28,11 +28,23 @@ from taps.training.features import FEATURES_VERSION, cached_features, features_k
 from taps.training.hass import HassConfig
 from taps.training.losses import LossWeights
 from taps.training.module import DraftModule
+from taps.training.progress import TokensPerSecondBar
+from taps.training.regenerate import cached_regeneration
+from taps.training.resume import LastCheckpoint
+from taps.training.vocab import frequent_tokens
 
 log = logging.getLogger(__name__)
 
 # Trainer settings that change how training is shown, not what it produces.
-_COSMETIC = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary", "logger"}
+_COSMETIC = {
+    "enable_progress_bar",
+    "log_every_n_steps",
+    "enable_model_summary",
+    "logger",
+    "checkpoint_every",
+}
+# Drafter settings that change what is measured during training, not the weights.
+_DRAFTER_COSMETIC = {"val_depth"}
 
 
 def _plain(cfg: Any) -> Any:
@@ -47,6 +59,25 @@ def hass_config(drafter: DictConfig) -> HassConfig | None:
     return HassConfig(drafter.hass_steps, drafter.topk, drafter.topk_weight)
 
 
+def _two_stage(drafter: DictConfig) -> tuple[int | None, float]:
+    """(stage-2 start epoch or None, its lr scale): the reference HASS schedule, if asked."""
+    if not drafter.get("two_stage", False):
+        return None, 1.0
+    if drafter.objective != "hass":
+        raise ValueError("drafter.two_stage applies to objective=hass (it stages distillation)")
+    return int(drafter.stage2_epoch), float(drafter.stage2_lr_scale)
+
+
+def _source_summary(split_info: dict, fs_meta: dict) -> str:
+    parts = []
+    for src, d in fs_meta.get("by_source", {}).items():
+        parts.append(
+            f"{src}: {d['examples']} examples, {d['tokens']} tokens, "
+            f"{d['supervised_tokens']} supervised ({100 * d['supervised_share']:.1f}%)"
+        )
+    return "; ".join(parts) or json.dumps(split_info.get("shares"))
+
+
 def ensure_drafter(
     target: Target,
     drafter: DictConfig,
@@ -56,10 +87,12 @@ def ensure_drafter(
     data_dir: str,
     seed: int = 42,
     lightning_logger: Any = None,
+    callbacks: list | None = None,
 ) -> tuple[DraftHead, dict]:
-    """Return a trained head for (target, drafter, data, trainer), training it if missing."""
+    """Return a trained head for (target, drafter, data, trainer), training it if missing.
+    An interrupted training resumes from its last checkpoint on the next call."""
     split = build_mixture(
-        _plain(data.components),
+        select_budget(_plain(data.components), data.get("budget")),
         data_dir,
         seed=seed,
         holdout=data.holdout,
@@ -67,12 +100,19 @@ def ensure_drafter(
     )
     store = data.get("feature_dtype", "bfloat16")
     compute = data.get("feature_compute_dtype")
+    if data.get("regenerate", False):
+        regen = {"max_len": data.max_len, "max_new_tokens": data.regenerate_max_tokens,
+                 "compute_dtype": compute}  # fmt: skip
+        split.train = cached_regeneration(target, split.train, cache_dir, **regen,
+                                          desc="regenerate/train")  # fmt: skip
+        split.val = cached_regeneration(target, split.val, cache_dir, **regen,
+                                        desc="regenerate/val")  # fmt: skip
+        split.info["regenerated"] = {**regen, "train": len(split.train), "val": len(split.val)}
     tkey = features_key(target, split.train, data.max_len, store, compute)
     vkey = features_key(target, split.val, data.max_len, store, compute)
     trainer_cfg = {k: v for k, v in _plain(trainer).items() if k not in _COSMETIC}
-    key = content_key(
-        HEAD_VERSION, FEATURES_VERSION, tkey, vkey, _plain(drafter), trainer_cfg, seed
-    )
+    drafter_cfg = {k: v for k, v in _plain(drafter).items() if k not in _DRAFTER_COSMETIC}
+    key = content_key(HEAD_VERSION, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed)
     out = Path(cache_dir) / "drafters" / f"{drafter.name}-{data.name}-{key}"
     if (out / "head.safetensors").is_file():
         log.info("drafter cache hit: %s", out)
@@ -88,8 +128,16 @@ def ensure_drafter(
     except DataError as e:  # e.g. every held-out example truncated before its answer
         log.warning("no validation set (%s): training without held-out metrics", e)
         val_fs = None
+    log.info("training data: %s", _source_summary(split.info, train_fs.meta))
+    d2t, coverage = None, 1.0
+    vocab = target.model.lm_head.weight.shape[0]
+    if drafter.get("draft_vocab") and drafter.draft_vocab < vocab:  # else: the full one
+        d2t, coverage = frequent_tokens(train_fs, int(drafter.draft_vocab), vocab, target.eos_ids)
+        log.info("draft vocabulary: %d tokens cover %.2f%% of responses", len(d2t), 100 * coverage)
     L.seed_everything(seed, workers=True)
-    head = DraftHead.for_target(target.model, bias=drafter.bias).train()
+    # float32 master weights whatever the target's dtype; autocast handles the compute.
+    head = DraftHead.for_target(target.model, bias=drafter.bias, d2t=d2t).float().train()
+    stage2_epoch, stage2_lr_scale = _two_stage(drafter)
     module = DraftModule(
         head,
         lr=drafter.lr,
@@ -99,21 +147,39 @@ def ensure_drafter(
         noise=drafter.noise,
         weights=LossWeights(drafter.feature_weight, drafter.token_weight),
         hass=hass_config(drafter),
+        val_depth=int(drafter.get("val_depth", 5)),
+        stage2_epoch=stage2_epoch,
+        stage2_lr_scale=stage2_lr_scale,
     )
     dm = FeatureDataModule(train_fs, val_fs, drafter.batch_size, seed)
+    module.steps_per_epoch = len(dm.sampler)
+    # Work in progress lives beside the cache entry, so an interrupted run resumes from its
+    # last checkpoint; the entry itself appears only when training has finished.
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "last.ckpt"
+    resume = str(ckpt) if ckpt.is_file() else None
+    if resume:
+        log.info("resuming %s from %s", out.name, ckpt)
+    loggers = [L.pytorch.loggers.CSVLogger(str(work), name="", version="")]
+    if lightning_logger is not None:
+        loggers.append(lightning_logger)
+    callbacks = [
+        TokensPerSecondBar(refresh_rate=10),
+        LastCheckpoint(ckpt, int(trainer.get("checkpoint_every", 200)), dm.sampler),
+        *(callbacks or []),
+    ]
+    kwargs = {k: v for k, v in _plain(trainer).items() if k != "checkpoint_every"}
+    pl_trainer = instantiate(
+        kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(work)
+    )
+    for lg in loggers:
+        lg.log_hyperparams({"data": split.info, "by_source": train_fs.meta.get("by_source")})
+    t0 = time.perf_counter()
+    pl_trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    secs = time.perf_counter() - t0
+    epochs = pl_trainer.current_epoch
     with atomic_dir(out) as tmp:
-        loggers = [L.pytorch.loggers.CSVLogger(str(tmp), name="", version="")]
-        if lightning_logger is not None:
-            loggers.append(lightning_logger)
-        # tqdm rather than Lightning's default Rich bar, which prints nothing outside a TTY.
-        bar = L.pytorch.callbacks.TQDMProgressBar(refresh_rate=10)
-        pl_trainer = instantiate(
-            trainer, logger=loggers, callbacks=[bar], default_root_dir=str(tmp)
-        )
-        t0 = time.perf_counter()
-        pl_trainer.fit(module, datamodule=dm)
-        secs = time.perf_counter() - t0
-        epochs = pl_trainer.current_epoch
         meta = {
             "target": {"name": target.name, "key": target.key},
             "data": {
@@ -122,20 +188,23 @@ def ensure_drafter(
                 "val_features": val_fs.meta if val_fs else None,
             },
             "drafter": _plain(drafter),
+            "draft_vocab_coverage": coverage,
             "trainer": trainer_cfg,
             "seed": seed,
             "key": key,
+            "resumed": resume is not None,
+            "global_step": pl_trainer.global_step,
+            # Seconds of this process; a resumed run's earlier part is not included.
             "train_seconds": round(secs, 1),
-            "train_tokens_per_s": round(train_fs.tokens * epochs / max(secs, 1e-9), 1),
+            "train_tokens_per_s": None
+            if resume
+            else round(train_fs.tokens * epochs / max(secs, 1e-9), 1),
             "final_metrics": {k: float(v) for k, v in pl_trainer.callback_metrics.items()},
         }
         head.eval()
         save_head(head, tmp, meta)
-        for junk in ("checkpoints", "hparams.yaml"):
-            p = tmp / junk
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        if (work / "metrics.csv").is_file():
+            shutil.copy(work / "metrics.csv", tmp / "metrics.csv")
+    shutil.rmtree(work, ignore_errors=True)
     log.info("trained %s in %.0f s: %s", out.name, secs, json.dumps(meta["final_metrics"]))
     return load_head(out, target.model)
