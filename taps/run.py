@@ -47,6 +47,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             cfg.seed,
             logger.lightning_logger(),
         )
+        if cfg.eval.get("dtype"):  # serve in another precision than training used
+            dtype = getattr(torch, cfg.eval.dtype)
+            target.model.to(dtype)
+            head.to(dtype)
         spec = TreeSpec(cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens)
         decoder = SpeculativeDecoder(
             target.model, build_proposer(cfg.routing.name, [head], spec), target.eos_ids

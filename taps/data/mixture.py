@@ -78,6 +78,25 @@ def build_mixture(
     return DataSplit(train=[c for _, c in train], val=[c for _, c in val], info=info)
 
 
+def select_budget(components: Any, budget: str | None) -> list[dict]:
+    """Resolve each component's `examples`: a count, null, or a mapping from budget name
+    (e.g. cpu, paper) to a count, of which `data.budget` picks one."""
+    if not isinstance(components, Sequence) or isinstance(components, str):
+        raise DataError("data.components must be a non-empty list of {source, examples}")
+    out = []
+    for i, comp in enumerate(components):
+        want = comp.get("examples") if isinstance(comp, Mapping) else None
+        if isinstance(want, Mapping):
+            if budget not in want:
+                raise DataError(
+                    f"data.components[{i}].examples has no entry for data.budget={budget!r} "
+                    f"(has: {', '.join(map(str, want))})"
+                )
+            comp = {**comp, "examples": want[budget]}
+        out.append(comp)
+    return out
+
+
 def _check(components: Any, holdout: Any) -> list[dict]:
     """Validate the config; errors name the offending key."""
     if not isinstance(holdout, (int, float)) or isinstance(holdout, bool) or not 0 <= holdout < 1:

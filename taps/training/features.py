@@ -73,20 +73,34 @@ def features_key(
 
 def tokenize_all(
     target: Target, conversations: list[Conversation], max_len: int
-) -> tuple[list[list[int]], list[list[int]], int]:
-    ids, masks, skipped = [], [], 0
+) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """Token ids and loss masks of the usable conversations, and the source of each one."""
+    ids, masks, sources = [], [], []
     for c in conversations:
         try:
             t = tokenize_conversation(target.tokenizer, c.messages, max_len=max_len)
         except DataError:
-            skipped += 1
             continue
         if sum(t.loss_mask[1:]) == 0:  # nothing left to supervise after truncation
-            skipped += 1
             continue
         ids.append(t.input_ids)
         masks.append(t.loss_mask)
-    return ids, masks, skipped
+        sources.append(c.source)
+    return ids, masks, sources
+
+
+def source_stats(ids: list[list[int]], masks: list[list[int]], sources: list[str]) -> dict:
+    """Examples, tokens, supervised tokens and token share per source: what training used."""
+    by: dict[str, dict] = {}
+    for s, i, m in zip(sources, ids, masks, strict=True):
+        d = by.setdefault(s, {"examples": 0, "tokens": 0, "supervised_tokens": 0})
+        d["examples"] += 1
+        d["tokens"] += len(i)
+        d["supervised_tokens"] += sum(m)
+    sup = max(sum(d["supervised_tokens"] for d in by.values()), 1)
+    for d in by.values():
+        d["supervised_share"] = round(d["supervised_tokens"] / sup, 4)
+    return by
 
 
 @torch.no_grad()
@@ -101,7 +115,8 @@ def compute_features(
 ) -> FeatureSet:
     """`compute_dtype` runs the target forward in another precision (bfloat16 is about 2.6x
     faster than float32 on these CPUs); the stored features are rounded to `store_dtype`."""
-    ids, masks, skipped = tokenize_all(target, conversations, max_len)
+    ids, masks, sources = tokenize_all(target, conversations, max_len)
+    skipped = len(conversations) - len(ids)
     if not ids:
         raise DataError("no conversation had an assistant turn to supervise (data.components)")
     model = target.model
@@ -141,6 +156,7 @@ def compute_features(
         "store_dtype": store_dtype,
         "compute_dtype": str(next(model.parameters()).dtype),
         "max_len": max_len,
+        "by_source": source_stats(ids, masks, sources),
     }
     log.info(
         "%s: %d examples, %d tokens in %.0f s (%.0f tok/s)",

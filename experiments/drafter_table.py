@@ -1,0 +1,57 @@
+"""One table of drafters from run directories: training cost, held-out metrics and tau.
+
+    python experiments/drafter_table.py outputs/multiruns/<timestamp> [more run dirs ...]
+
+Reads every results.json below the given directories (a multirun's jobs or single runs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def rows(paths: list[str]) -> list[dict]:
+    out = []
+    for p in paths:
+        for f in sorted(Path(p).rglob("results.json")):
+            res = json.loads(f.read_text())
+            meta = res["meta"]["drafter"]
+            data = meta.get("data", {})
+            fm = meta.get("final_metrics", {})
+            row = {
+                "drafter": meta["drafter"]["name"],
+                "data": meta["drafter"].get("data_name") or res["rows"][0]["data"],
+                "regenerate": "regenerated" in data,
+                "draft_vocab": meta.get("draft_vocab"),
+                "train_tokens": data.get("train_features", {}).get("tokens"),
+                "train_s": meta.get("train_seconds"),
+                "top1_d1": fm.get("val/top1_d1", fm.get("val/top1")),
+                "sim_tau": fm.get("val/sim_tau"),
+                "run": str(f.parent),
+            }
+            for r in res["rows"]:
+                row[f"tau {r['bench']}"] = r["tau"]
+                row[f"tok/s {r['bench']}"] = r.get("tokens_per_s")
+            out.append(row)
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    cols = [c for c in table[0] if c != "run"] if table else []
+    for r in table[1:]:
+        cols += [c for c in r if c not in cols and c != "run"]
+
+    def fmt(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in table]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    print(markdown(rows(sys.argv[1:])))
