@@ -12,17 +12,26 @@ import sys
 from pathlib import Path
 
 
+def _stderr(values: list[float]) -> float | None:
+    """Standard error of the mean over questions: the noise level of a tau."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 def rows(paths: list[str]) -> list[dict]:
     out = []
     for p in paths:
         for f in sorted(Path(p).rglob("results.json")):
             res = json.loads(f.read_text())
-            meta = res["meta"]["drafter"]
+            meta = res["drafter"]
             data = meta.get("data", {})
             fm = meta.get("final_metrics", {})
             row = {
                 "drafter": meta["drafter"]["name"],
-                "data": meta["drafter"].get("data_name") or res["rows"][0]["data"],
+                "data": res["rows"][0]["data"],
                 "regenerate": "regenerated" in data,
                 "draft_vocab": meta.get("draft_vocab"),
                 "train_tokens": data.get("train_features", {}).get("tokens"),
@@ -33,6 +42,7 @@ def rows(paths: list[str]) -> list[dict]:
             }
             for r in res["rows"]:
                 row[f"tau {r['bench']}"] = r["tau"]
+                row[f"+- {r['bench']}"] = _stderr(r.get("tau_per_question") or [])
                 row[f"tok/s {r['bench']}"] = r.get("tokens_per_s")
             out.append(row)
     return out

@@ -54,8 +54,13 @@ def test_unknown_group_option_fails(tmp_path):
 
 def test_tiny_run_writes_agreeing_results(tmp_path):
     cfg = cfg_with(
-        [*TINY, "logger=wandb", "eval.verify_lossless=true", "temperature=[0,1]"], tmp_path
-    )
+        [*TINY, "logger=wandb", "eval.verify_lossless=true", "temperature=[0,1]",
+         "data.holdout=0.2", "trainer.log_every_n_steps=1"],
+        tmp_path,
+    )  # fmt: skip
+    with open_dict(cfg):  # a private drafter cache, so this run trains and logs curves
+        cfg.target.cache_dir = cfg.paths.cache_dir
+        cfg.paths.cache_dir = str(tmp_path / "cache")
     out = run(cfg, tmp_path)
     doc = json.loads((tmp_path / "results.json").read_text())
     rows = doc["rows"]
@@ -81,3 +86,11 @@ def test_tiny_run_writes_agreeing_results(tmp_path):
     assert any(p.name.endswith(".wandb") for p in files)
     assert any("tau_grid" in p.name and p.suffix == ".json" for p in files)
     assert any("tau_heatmap" in p.name and p.suffix == ".png" for p in files)
+    # Training curves reach the same W&B run: held-out rollout metrics included.
+    blob = b"".join(p.read_bytes() for p in files if p.name.endswith(".wandb"))
+    for key in (b"val/top1_d1", b"val/top1_d5", b"val/sim_tau", b"val/token_loss", b"train/loss"):
+        assert key in blob, key
+    head_meta = doc["drafter"]
+    by_source = head_meta["data"]["train_features"]["by_source"]  # offline math = gsm8k_train
+    assert len(by_source) == 2 and "sharegpt" in by_source
+    assert abs(sum(d["supervised_share"] for d in by_source.values()) - 1) < 1e-3

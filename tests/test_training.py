@@ -117,12 +117,15 @@ def test_drafter_cache_hit_and_invalidation(tmp_path, monkeypatch, cache_dir):
         ["data.components=[{source: mathinstruct, examples: 11}]"],
         ["trainer.max_epochs=2"],
         ["target.seed=1"],
+        ["drafter.draft_vocab=512"],
+        ["data.regenerate=true", "data.regenerate_max_tokens=16"],
+        ["drafter=hass"],
     ):
         _, meta = ensure(*change)
         assert meta["key"] != meta1["key"], change
-    assert len(calls) == 7
+    assert len(calls) == 10
     ensure("trainer.log_every_n_steps=3")  # cosmetic: still a hit
-    assert len(calls) == 7
+    assert len(calls) == 10
     assert not list((tmp_path / "drafters").glob(".*tmp*"))  # no half-written entries
 
 

@@ -140,9 +140,11 @@ def cached_regeneration(
             desc=desc,
         )  # fmt: skip
         rows = [json.dumps({"source": c.source, "id": c.id, "messages": c.messages}) for c in convs]
-        atomic_write_text(path, "\n".join(rows) + "\n")
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
     out = []
     for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
         row = json.loads(line)
         out.append(Conversation(tuple(row["messages"]), row["source"], row["id"]))
     return out

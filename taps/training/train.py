@@ -42,6 +42,8 @@ _COSMETIC = {
     "enable_model_summary",
     "logger",
     "checkpoint_every",
+    "val_check_interval",  # validation draws no random numbers: it cannot change the weights
+    "check_val_every_n_epoch",
 }
 # Drafter settings that change what is measured during training, not the weights.
 _DRAFTER_COSMETIC = {"val_depth"}
