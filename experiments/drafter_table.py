@@ -35,6 +35,7 @@ def rows(paths: list[str]) -> list[dict]:
                 "regenerate": "regenerated" in data,
                 "draft_vocab": meta.get("draft_vocab"),
                 "train_tokens": data.get("train_features", {}).get("tokens"),
+                "features_s": data.get("train_features", {}).get("seconds"),
                 "train_s": meta.get("train_seconds"),
                 "top1_d1": fm.get("val/top1_d1", fm.get("val/top1")),
                 "sim_tau": fm.get("val/sim_tau"),
@@ -42,7 +43,8 @@ def rows(paths: list[str]) -> list[dict]:
             }
             for r in res["rows"]:
                 row[f"tau {r['bench']}"] = r["tau"]
-                row[f"+- {r['bench']}"] = _stderr(r.get("tau_per_question") or [])
+                per_q = list((r.get("tau_per_question") or {}).values())
+                row[f"+- {r['bench']}"] = _stderr(per_q)
                 row[f"tok/s {r['bench']}"] = r.get("tokens_per_s")
             out.append(row)
     return out
