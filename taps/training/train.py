@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from taps.data.conversations import DataError
 from taps.data.mixture import build_mixture, select_budget
 from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head, save_head
+from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import Target
 from taps.paths import atomic_dir, content_key
 from taps.training.datamodule import FeatureDataModule
@@ -51,6 +52,13 @@ _DRAFTER_COSMETIC = {"val_depth"}
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _resolved_trainer(trainer: DictConfig) -> DictConfig:
+    """trainer.precision=auto becomes the precision that is fast here (it is in the key)."""
+    t = OmegaConf.create(_plain(trainer))
+    t.precision = resolve_precision(t.get("precision", "32-true"), t.get("accelerator", "cpu"))
+    return t
 
 
 def hass_config(drafter: DictConfig) -> HassConfig | None:
@@ -101,7 +109,7 @@ def ensure_drafter(
         prefer=data.get("prefer", "auto"),
     )
     store = data.get("feature_dtype", "bfloat16")
-    compute = data.get("feature_compute_dtype")
+    compute = resolve_dtype(data.get("feature_compute_dtype"), target.device)
     if data.get("regenerate", False):
         regen = {"max_len": data.max_len, "max_new_tokens": data.regenerate_max_tokens,
                  "compute_dtype": compute}  # fmt: skip
@@ -112,6 +120,7 @@ def ensure_drafter(
         split.info["regenerated"] = {**regen, "train": len(split.train), "val": len(split.val)}
     tkey = features_key(target, split.train, data.max_len, store, compute)
     vkey = features_key(target, split.val, data.max_len, store, compute)
+    trainer = _resolved_trainer(trainer)
     trainer_cfg = {k: v for k, v in _plain(trainer).items() if k not in _COSMETIC}
     drafter_cfg = {k: v for k, v in _plain(drafter).items() if k not in _DRAFTER_COSMETIC}
     key = content_key(HEAD_VERSION, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed)
