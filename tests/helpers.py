@@ -13,8 +13,11 @@ class NoisyOracle:
     probability `noise`, as two branches. Acceptances of every length happen, so an acceptance
     rule that is off by one position produces wrong output."""
 
-    def __init__(self, target: Llama, depth: int = 4, noise: float = 0.3, seed: int = 0) -> None:
-        self.target, self.depth, self.noise = target, depth, noise
+    def __init__(
+        self, target: Llama, depth: int = 4, noise: float = 0.3, seed: int = 0, jitter: bool = False
+    ) -> None:
+        # jitter: random draft log-probs and entropies, so routers switch between drafters.
+        self.target, self.depth, self.noise, self.jitter = target, depth, noise, jitter
         self.rng = torch.Generator().manual_seed(seed)
         self.max_tree = 2 * depth + 1
         self.context: list[int] = []
@@ -49,16 +52,27 @@ class NoisyOracle:
         parents = [-1, *range(d), 0, *range(d + 1, 2 * d)]
         n = len(tokens)
         lp = torch.full((n,), -0.1, dtype=torch.float64)
+        ent = torch.zeros(n, dtype=torch.float64)
+        if self.jitter:
+            lp = -torch.rand(n, generator=self.rng, dtype=torch.float64)
+            ent = torch.rand(n, generator=self.rng, dtype=torch.float64)
         lp[0] = 0
-        return DraftTree(torch.tensor(tokens), parents, lp, lp.cumsum(0), torch.zeros(n))
+        scores = lp.clone()
+        for i in range(1, n):
+            scores[i] += scores[parents[i]]
+        return DraftTree(torch.tensor(tokens), parents, lp, scores, ent)
 
 
 class TopKOracle:
     """Drafts the target's own top-2 tokens at each of two levels (a 7-node tree): drafts are
     accepted often and rejected often, so sampling acceptance is exercised on both sides."""
 
-    def __init__(self, target: Llama, width: int = 2) -> None:
-        self.target, self.width = target, width
+    def __init__(
+        self, target: Llama, width: int = 2, offset: int = 0, jitter: torch.Generator | None = None
+    ) -> None:
+        # offset: draft the target's ranks offset+1 .. offset+width (a worse drafter);
+        # jitter: random draft scores and entropies, so routers switch between drafters.
+        self.target, self.width, self.offset, self.jitter = target, width, offset, jitter
         self.max_tree = 1 + width + width * width
         self.context: list[int] = []
         self.first: list[int] = []
@@ -71,7 +85,7 @@ class TopKOracle:
 
     def _top(self, ids: list[int]) -> list[int]:
         h = self.target(torch.tensor([ids]))[0, -1]
-        return self.target.logits(h).topk(self.width).indices.tolist()
+        return self.target.logits(h).topk(self.width + self.offset).indices[self.offset :].tolist()
 
     def propose(self) -> DraftTree:
         w = self.width
@@ -82,4 +96,8 @@ class TopKOracle:
             parents += [1 + i] * w
         n = len(tokens)
         lp = torch.tensor([0.0] + [-0.1 * (i + 1) for i in range(n - 1)], dtype=torch.float64)
-        return DraftTree(torch.tensor(tokens), parents, lp, lp.clone(), torch.zeros(n))
+        ent = torch.zeros(n, dtype=torch.float64)
+        if self.jitter is not None:
+            lp = lp * (1 + 3 * torch.rand(n, generator=self.jitter, dtype=torch.float64))
+            ent = torch.rand(n, generator=self.jitter, dtype=torch.float64)
+        return DraftTree(torch.tensor(tokens), parents, lp, lp.clone(), ent)

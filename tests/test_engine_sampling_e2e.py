@@ -23,11 +23,13 @@ def exact_next(model, prefixes: list[list[int]], temperature: float, top_p: floa
     return target_probs(model.logits(h), temperature, top_p)
 
 
-def joint_test(tiny64, temperature: float, top_p: float) -> tuple[float, float]:
+def joint_test(tiny64, temperature: float, top_p: float, proposer=None) -> tuple[float, float]:
+    """`proposer` (default: one TopKOracle) must have its oracles' `first` set to PROMPT[:1]."""
     model = tiny64.model
-    oracle = TopKOracle(model)
-    oracle.first = PROMPT[:1]
-    dec = SpeculativeDecoder(model, oracle, eos_ids=set())
+    if proposer is None:
+        proposer = TopKOracle(model)
+        proposer.first = PROMPT[:1]
+    dec = SpeculativeDecoder(model, proposer, eos_ids=set())
     gen = torch.Generator().manual_seed(7)
     counts: dict[tuple[int, int, int], int] = {}
     accepted = 0

@@ -102,6 +102,7 @@ class SpeculativeDecoder:
             tree_size=len(tree),
             drafter=tree.drafter,
             draft_forwards=tree.draft_forwards,
+            route_scores=tree.route_scores,
         )
         if record_nodes:
             on_path = set(path)

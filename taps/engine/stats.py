@@ -11,6 +11,7 @@ class CycleStats:
     tree_size: int  # tokens verified in the target forward, root included
     drafter: int  # which drafter's tree was verified
     draft_forwards: int  # head forwards spent drafting this cycle (all drafters)
+    route_scores: list[float] | None = None  # each drafter's routing score (higher preferred)
     node_confidence: list[float] = field(default_factory=list)  # exp(cum log-prob), per node
     node_entropy: list[float] = field(default_factory=list)
     node_depth: list[int] = field(default_factory=list)

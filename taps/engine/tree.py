@@ -18,6 +18,8 @@ class DraftTree:
     entropies: Tensor  # [N] entropy of the draft distribution the node was drawn from
     drafter: int = 0  # index of the drafter that built it (strategies with several heads)
     draft_forwards: int = 0  # head forwards spent on it (catch-up included)
+    # Routing strategies: every drafter's score this cycle, higher preferred (None: no routing).
+    route_scores: list[float] | None = None
 
     def __post_init__(self) -> None:
         depth = [0] * len(self.parents)
@@ -52,6 +54,12 @@ class DraftTree:
         if len(self) < 2:
             return 0.0
         return float(self.scores[1:].exp().mean())
+
+    def mean_entropy(self) -> float:
+        """Mean entropy of the draft distributions the tree expanded (one per parent node, so
+        a distribution counts once however many of its children were kept)."""
+        per_parent = {p: float(self.entropies[i]) for i, p in enumerate(self.parents) if i > 0}
+        return sum(per_parent.values()) / max(len(per_parent), 1)
 
 
 def chain_tree(root: int, tokens: list[int], logprobs: list[float], entropies: list[float]):

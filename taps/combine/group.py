@@ -1,0 +1,57 @@
+"""Several draft heads kept in step on one committed state: the base of every strategy that
+drafts with more than one head. The decoding loop stays in the engine; a group only decides
+which tree(s) to hand it."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from taps.engine.decoder import Proposer
+from taps.engine.drafting import HeadDrafter, TreeSpec
+from taps.engine.tree import DraftTree
+from taps.models.draft_head import DraftHead
+
+
+def split_budget(spec: TreeSpec, n: int) -> list[TreeSpec]:
+    """Share one tree's draft tokens among n trees (59 = 30 + 29 for a 60-token tree and two
+    drafters), so that their merge verifies no more tokens than a single tree."""
+    draft = spec.total_tokens - 1
+    if draft < n:
+        raise ValueError(f"routing.budget=matched: {draft} draft tokens cannot feed {n} drafters")
+    shares = [draft // n + (i < draft % n) for i in range(n)]
+    return [TreeSpec(spec.top_k, spec.depth, s + 1) for s in shares]
+
+
+class DrafterGroup:
+    """Every drafter prefills on the prompt and catches up on every accepted path, so any of
+    them can draft the next tree from the same state. Drafters are any `Proposer`s (normally
+    `HeadDrafter`s; see `heads_to_drafters`)."""
+
+    def __init__(self, drafters: list[Proposer]) -> None:
+        if len(drafters) < 2:
+            raise ValueError(
+                f"{type(self).__name__} combines drafters: got {len(drafters)}; name two or "
+                "more with data=<mixture> or routing.drafters=[...]"
+            )
+        self.drafters = drafters
+        self.max_tree = max(d.max_tree for d in drafters)
+
+    def start(self, features: Tensor, next_tokens: Tensor, max_len: int) -> None:
+        for d in self.drafters:
+            d.start(features, next_tokens, max_len)
+
+    def commit(self, features: Tensor, next_tokens: Tensor) -> None:
+        for d in self.drafters:
+            d.commit(features, next_tokens)
+
+    def propose_all(self) -> list[DraftTree]:
+        trees = [d.propose() for d in self.drafters]
+        for i, t in enumerate(trees):
+            t.drafter = i
+        return trees
+
+
+def heads_to_drafters(heads: list[DraftHead], specs: list[TreeSpec]) -> list[HeadDrafter]:
+    if len(specs) != len(heads):
+        raise ValueError(f"{len(heads)} heads but {len(specs)} tree specs")
+    return [HeadDrafter(h, s, index=i) for i, (h, s) in enumerate(zip(heads, specs, strict=True))]
