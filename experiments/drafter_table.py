@@ -27,6 +27,8 @@ def rows(paths: list[str]) -> list[dict]:
         for f in sorted(Path(p).rglob("results.json")):
             res = json.loads(f.read_text())
             meta = res["drafter"]
+            if meta is None:  # a combination of several drafters: see combination_table.py
+                continue
             data = meta.get("data", {})
             fm = meta.get("final_metrics", {})
             row = {

@@ -19,6 +19,8 @@ from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
 from taps.eval.evaluate import run_bench, summarise
 from taps.eval.report import COLUMNS, NODE_COLUMNS, flat, write_results
+from taps.eval.routing import ROUTING_COLUMNS, routing_table
+from taps.models.precision import resolve_dtype
 from taps.training.train import ensure_drafter
 
 log = logging.getLogger("taps.run")
@@ -29,6 +31,43 @@ def temperatures(cfg: DictConfig) -> list[float]:
     return [float(x) for x in t] if isinstance(t, ListConfig | list) else [float(t)]
 
 
+_ROUTING_KEYS = {"name", "label", "drafters"}  # routing keys that are not strategy options
+
+
+def _plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def drafter_data(cfg: DictConfig) -> list[DictConfig]:
+    """The data config of each drafter the strategy needs. routing=single trains on `data`
+    unless routing.drafters names one; the others combine one drafter per component of `data`
+    (or per entry of routing.drafters), each trained on the data config of that name with the
+    mixture's settings (budget, max_len, ...), so it is the same cached drafter that
+    `data=<name>` trains. A list entry may also be an inline data config (a mapping)."""
+    names = cfg.routing.get("drafters")
+    if names is None:
+        if cfg.routing.name == "single":
+            return [cfg.data]
+        names = [c.source for c in cfg.data.components]
+    shared = {k: v for k, v in _plain(cfg.data).items() if k not in ("name", "components")}
+    out = []
+    for entry in names:
+        if isinstance(entry, str):
+            path = Path(CONF_DIR) / "data" / f"{entry}.yaml"
+            if not path.is_file():
+                raise ValueError(
+                    f"routing.drafters: no data config {path} for drafter {entry!r} (one "
+                    "drafter per mixture component needs conf/data/<component>.yaml)"
+                )
+            base = OmegaConf.load(path)
+        else:
+            base = OmegaConf.create(_plain(entry) if isinstance(entry, DictConfig) else entry)
+            if "name" not in base or "components" not in base:
+                raise ValueError(f"routing.drafters: inline entry {entry} needs name, components")
+        out.append(OmegaConf.merge(base, shared))
+    return out
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
@@ -37,25 +76,36 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     try:
         target = instantiate(cfg.target)
         data_dir = cfg.paths.data_dir
-        head, head_meta = ensure_drafter(
-            target,
-            cfg.drafter,
-            cfg.data,
-            cfg.trainer,
-            cfg.paths.cache_dir,
-            data_dir,
-            cfg.seed,
-            logger.lightning_logger(),
-        )
-        if cfg.eval.get("dtype"):  # serve in another precision than training used
-            dtype = getattr(torch, cfg.eval.dtype)
-            target.model.to(dtype)
-            head.to(dtype)
+        sources = drafter_data(cfg)
+        heads, metas = [], []
+        for data in sources:
+            head, head_meta = ensure_drafter(
+                target,
+                cfg.drafter,
+                data,
+                cfg.trainer,
+                cfg.paths.cache_dir,
+                data_dir,
+                cfg.seed,
+                logger.lightning_logger(),
+            )
+            heads.append(head)
+            metas.append(head_meta)
         spec = TreeSpec(cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens)
-        decoder = SpeculativeDecoder(
-            target.model, build_proposer(cfg.routing.name, [head], spec), target.eos_ids
-        )
-        variant = f"{cfg.drafter.name}/{cfg.data.name}"
+        options = {k: v for k, v in _plain(cfg.routing).items() if k not in _ROUTING_KEYS}
+        # Combine in the training precision (averaging), then cast for serving.
+        proposer = build_proposer(cfg.routing.name, heads, spec, **options)
+        serve = resolve_dtype(cfg.eval.get("dtype"), target.device)
+        if serve:  # serve in another precision than training used
+            dtype = getattr(torch, serve)
+            target.model.to(dtype)
+            for d in getattr(proposer, "drafters", [proposer]):
+                d.head.to(dtype)
+        decoder = SpeculativeDecoder(target.model, proposer, target.eos_ids)
+        names = [str(d.name) for d in sources]
+        label = cfg.routing.get("label", cfg.routing.name)
+        data_name = names[0] if len(names) == 1 else cfg.data.name
+        variant = f"{cfg.drafter.name}/{data_name}" + ("" if label == "single" else f"/{label}")
         rows = []
         for temp in temperatures(cfg):
             for bench in cfg.bench.benchmarks:
@@ -75,11 +125,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                 )
                 row = {
                     "variant": variant,
-                    "routing": cfg.routing.name,
+                    "routing": label,
                     "drafter": cfg.drafter.name,
-                    "data": cfg.data.name,
+                    "data": data_name,
+                    "drafters": names,
                     "tree": cfg.tree.name,
-                    **summarise(result, spec.depth + 1),
+                    **summarise(result, spec.depth + 1, names),
                 }
                 log.info(
                     "%s %s T=%g: tau %.3f (%d turns, %.1f tok/s)",
@@ -93,7 +144,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                 rows.append(row)
         meta = {
             "target": target.name,
-            "drafter": head_meta,
+            "drafter": metas[0] if len(metas) == 1 else None,
+            "drafters": dict(zip(names, metas, strict=True)),
             "max_new_tokens": cfg.max_new_tokens,
             "tau_definition": "new tokens / target forwards, prefill included, over all "
             "turns of a benchmark (token-weighted)",
@@ -116,9 +168,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                 for d, x in enumerate(r["acceptance_by_depth"])
             ],
         )
+        if "routing" in paths:
+            logger.log_image("routing_shares", paths["routing"])
+            logger.log_table("routing_shares", ROUTING_COLUMNS, routing_table(rows))
         logger.log_summary({f"tau/{r['bench']}/T{r['temperature']:g}": r["tau"] for r in rows})
     finally:
         logger.finish()
+    if "routing" in paths:
+        print(f"routing shares: {paths['routing']}")
     print(
         f"\nresults: {paths['json']}\n  table: {paths['md']}\n  csv:   {paths['csv']}\n"
         f"  plots: {paths['heatmap']}\n         {paths['depth']}"

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
 from taps.config import CONF_DIR
-from taps.run import run
+from taps.run import drafter_data, run
 
 TINY = [
     "target=tiny_random",
@@ -94,3 +94,60 @@ def test_tiny_run_writes_agreeing_results(tmp_path):
     by_source = head_meta["data"]["train_features"]["by_source"]  # offline math = gsm8k_train
     assert len(by_source) == 2 and "sharegpt" in by_source
     assert abs(sum(d["supervised_share"] for d in by_source.values()) - 1) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "routing,label",
+    [("single", "single"), ("average", "average(0.5)"), ("confidence", "confidence"),
+     ("entropy", "entropy"), ("merged_tree", "merged_tree(full)"),
+     ("merged_tree_matched", "merged_tree(matched)")],
+)  # fmt: skip
+def test_routing_configs_compose(tmp_path, routing, label):
+    cfg = cfg_with([f"routing={routing}"], tmp_path)
+    assert cfg.routing.label == label
+
+
+def test_component_drafters_follow_the_mixture(tmp_path):
+    """data=mix routing=confidence: one drafter per component, each the drafter data=<name>
+    would train (so the cache is shared), with the mixture's budget and max_len."""
+    cfg = cfg_with(["routing=confidence", "data.budget=paper", "data.max_len=1024"], tmp_path)
+    comps = drafter_data(cfg)
+    assert [c.name for c in comps] == ["mathinstruct", "sharegpt"]
+    assert all(c.budget == "paper" and c.max_len == 1024 for c in comps)
+    assert comps[0].components[0].examples.paper == 70000  # the single-domain size, not 35k
+    plain = cfg_with(["data=mathinstruct"], tmp_path)
+    assert drafter_data(cfg_with(["routing=confidence"], tmp_path))[0] == plain.data
+    with pytest.raises(ValueError, match="routing.drafters: no data config"):
+        drafter_data(cfg_with(["routing=confidence", "routing.drafters=[nosuch,sharegpt]"],
+                              tmp_path))  # fmt: skip
+
+
+TINY_DRAFTERS = (
+    "routing.drafters=[{name: m, components: [{source: mathinstruct, examples: 20}]},"
+    " {name: s, components: [{source: sharegpt, examples: 6}]}]"
+)
+
+
+def test_tiny_confidence_run_reports_routing(tmp_path):
+    cfg = cfg_with(
+        [*TINY, "routing=confidence", TINY_DRAFTERS, "logger=none", "tree=eagle2",
+         "eval.verify_lossless=true", "bench.benchmarks=[gsm8k,mt_bench]"],
+        tmp_path,
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.target.cache_dir = cfg.paths.cache_dir
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    out = run(cfg, tmp_path)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["drafters"]) == {"m", "s"} and doc["drafter"] is None
+    for r in doc["rows"]:
+        assert r["variant"] == "eagle2/mix/confidence" and r["drafters"] == ["m", "s"]
+        shares = r["routing_shares"]
+        assert set(shares["cycles"]) == {"m", "s"}
+        assert sum(shares["cycles"].values()) == pytest.approx(1, abs=1e-3)
+        assert sum(shares["questions"].values()) == pytest.approx(1, abs=1e-3)
+        lo, hi = r["tau_ci95"]
+        assert lo <= r["tau"] <= hi
+        assert r["lossless"]["identical_fraction"] == 1.0
+        assert r["draft_forwards_per_cycle"] == 2 * (1 + cfg.tree.depth)
+    assert out["paths"]["routing"].stat().st_size > 1000

@@ -12,7 +12,7 @@ from taps.data.benchmarks import BenchPrompt
 from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.stats import Generation
-from taps.eval.metrics import acceptance_by_depth, node_stats, tau
+from taps.eval.metrics import acceptance_by_depth, bootstrap_tau, node_stats, routing_shares, tau
 
 
 @dataclass
@@ -94,8 +94,9 @@ def _text(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def summarise(run: BenchRun, max_depth: int) -> dict:
-    """One results row (variant columns are added by the caller)."""
+def summarise(run: BenchRun, max_depth: int, drafters: list[str] | None = None) -> dict:
+    """One results row (variant columns are added by the caller). `drafters` names the
+    strategy's drafters in order, for routing shares."""
     gens = [t.gen for t in run.turns]
     new = sum(len(g.tokens) for g in gens)
     decode_time = sum(g.wall_time_s for g in gens)
@@ -106,6 +107,7 @@ def summarise(run: BenchRun, max_depth: int) -> dict:
         "bench": run.bench,
         "temperature": run.temperature,
         "tau": round(tau(gens), 4),
+        "tau_ci95": _round(bootstrap_tau([_totals(v) for v in per_q.values()])),
         "prompts": len(per_q),
         "turns": len(gens),
         "new_tokens": new,
@@ -116,9 +118,14 @@ def summarise(run: BenchRun, max_depth: int) -> dict:
         "tree_tokens_per_cycle": _mean([c.tree_size for g in gens for c in g.cycles]),
         "draft_forwards_per_cycle": _mean([c.draft_forwards for g in gens for c in g.cycles]),
         "tau_per_question": {k: round(tau(v), 4) for k, v in per_q.items()},
+        # (new tokens, target forwards) per question: enough to recompute any aggregate.
+        "per_question": {k: _totals(v) for k, v in per_q.items()},
         "acceptance_by_depth": [round(x, 4) for x in acceptance_by_depth(gens, max_depth)],
         **{k: (round(v, 4) if v is not None else None) for k, v in node_stats(gens).items()},
     }
+    shares = routing_shares(per_q, drafters or ["drafter"])
+    if shares is not None:
+        row["routing_shares"] = shares
     checks = [t.lossless for t in run.turns if t.lossless is not None]
     if checks:
         bad = [
@@ -137,3 +144,11 @@ def summarise(run: BenchRun, max_depth: int) -> dict:
 
 def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 3) if xs else None
+
+
+def _totals(gens: list[Generation]) -> list[int]:
+    return [sum(len(g.tokens) for g in gens), sum(g.target_forwards for g in gens)]
+
+
+def _round(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]

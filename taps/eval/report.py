@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from taps.eval.routing import routing_plot  # noqa: E402
 from taps.paths import atomic_write_text  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -26,6 +27,8 @@ COLUMNS = [
     "bench",
     "temperature",
     "tau",
+    "tau_ci_low",
+    "tau_ci_high",
     "prompts",
     "turns",
     "new_tokens",
@@ -33,6 +36,8 @@ COLUMNS = [
     "target_forwards",
     "wall_time_s",
     "tokens_per_s",
+    "tree_tokens_per_cycle",
+    "draft_forwards_per_cycle",
     "identical_fraction",
 ]
 
@@ -40,6 +45,8 @@ COLUMNS = [
 def flat(row: dict) -> dict:
     out = {c: row.get(c) for c in COLUMNS}
     out["identical_fraction"] = (row.get("lossless") or {}).get("identical_fraction")
+    ci = row.get("tau_ci95") or [None, None]
+    out["tau_ci_low"], out["tau_ci_high"] = ci
     return out
 
 
@@ -181,6 +188,7 @@ def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str
         "md": run_dir / "results.md",
         "heatmap": run_dir / "tau_heatmap.png",
         "depth": run_dir / "acceptance_by_depth.png",
+        "routing": run_dir / "routing_shares.png",
     }
     doc = {"schema_version": SCHEMA_VERSION, **meta, "rows": rows}
     atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str))
@@ -188,4 +196,6 @@ def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str
     atomic_write_text(paths["md"], to_markdown(rows))
     heatmap(rows, paths["heatmap"])
     depth_plot(rows, paths["depth"])
+    if not routing_plot(rows, paths["routing"]):
+        del paths["routing"]
     return paths

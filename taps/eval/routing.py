@@ -1,0 +1,50 @@
+"""Routing analysis: which drafter the routed strategies chose, per benchmark, as a table and a
+stacked bar plot (share of cycles and share of questions, the paper's per-question rule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROUTING_COLUMNS = ["variant", "bench", "temperature", "unit", "drafter", "share"]
+
+
+def routing_table(rows: list[dict]) -> list[list]:
+    """One line per (row, unit in {cycles, questions}, drafter) for rows that were routed."""
+    out = []
+    for r in rows:
+        for unit, shares in (r.get("routing_shares") or {}).items():
+            for drafter, share in shares.items():
+                out.append([r["variant"], r["bench"], r["temperature"], unit, drafter, share])
+    return out
+
+
+def routing_plot(rows: list[dict], path: str | Path) -> bool:
+    """Stacked bars, one per (variant, benchmark, temperature); False if nothing was routed."""
+    routed = [r for r in rows if r.get("routing_shares")]
+    if not routed:
+        return False
+    drafters = list(dict.fromkeys(d for r in routed for d in r["routing_shares"]["cycles"]))
+    labels = [f"{r['variant'].split('/')[-1]} {r['bench']} T={r['temperature']:g}" for r in routed]
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.9 * len(routed) * 2, 4.2), sharey=True)
+    colors = plt.get_cmap("tab10").colors
+    for ax, unit in zip(axes, ("cycles", "questions"), strict=True):
+        bottom = [0.0] * len(routed)
+        for k, d in enumerate(drafters):
+            vals = [r["routing_shares"][unit].get(d, 0.0) for r in routed]
+            ax.bar(range(len(routed)), vals, bottom=bottom, label=d, color=colors[k % 10])
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.set_xticks(range(len(routed)), labels, rotation=40, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"share of {unit} routed to each drafter")
+    axes[0].set_ylabel("share")
+    axes[1].legend(title="drafter", fontsize=8)
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return True
