@@ -100,7 +100,12 @@ def ensure_drafter(
     callbacks: list | None = None,
 ) -> tuple[DraftHead, dict]:
     """Return a trained head for (target, drafter, data, trainer), training it if missing.
-    An interrupted training resumes from its last checkpoint on the next call."""
+    An interrupted training resumes from its last checkpoint on the next call.
+    A drafter with `path` (objective pretrained) is loaded as published, without training."""
+    if drafter.get("path"):
+        from taps.models.eagle_format import load_pretrained
+
+        return load_pretrained(str(drafter.path), target.model)
     split = build_mixture(
         select_budget(_plain(data.components), data.get("budget")),
         data_dir,
