@@ -127,10 +127,19 @@ def _gsm8k_dir(tmp_path: Path, lines: list[str]) -> Path:
     return tmp_path
 
 
-def test_gsm8k_malformed_line_names_file_and_line(tmp_path: Path):
+def test_gsm8k_malformed_line_is_a_counted_skip(tmp_path: Path, caplog):
+    """A bad training row costs one example, not the run; the warning names file and line."""
     good = json.dumps({"question": "1+1?", "answer": "2\n#### 2"})
     d = _gsm8k_dir(tmp_path, [good, "", good, "{not json"])
-    with pytest.raises(DataError, match=r"gsm8k/train\.jsonl:4\b"):
+    with caplog.at_level(logging.WARNING, logger="taps.data.sources"):
+        convs, info = load_source("mathinstruct", d, prefer="local")
+    assert len(convs) == 2 and info.skipped == 1
+    assert "malformed rows in" in caplog.text and "(first at line 4)" in caplog.text
+
+
+def test_gsm8k_all_rows_malformed_is_an_error(tmp_path: Path):
+    d = _gsm8k_dir(tmp_path, ["{not json", "[1, 2"])
+    with pytest.raises(DataError, match=r"gsm8k/train\.jsonl:1\b"):
         load_source("mathinstruct", d, prefer="local")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taps.data.conversations import DataError, iter_jsonl
+from taps.data.conversations import DATA_DIR_HINT, DataError, check_data_dir, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,12 @@ def load_benchmark(
         return _read_file(name, Path(path), limit)
     if name == "jsonl":
         raise DataError("benchmark 'jsonl' needs a path to an MT-Bench-format .jsonl file")
+    check_data_dir(data_dir)  # a mistyped data dir must not silently fall back to the hub
     file = Path(data_dir) / FILES[name] if data_dir else None
     if file is not None and file.is_file():
         return _read_file(name, file, limit)
     missing = str(file) if file is not None else f"<data_dir>/{FILES[name]} (no data dir given)"
-    hint = "set TAPS_DATA_DIR or paths.data_dir to the offline data folder"
+    hint = DATA_DIR_HINT
     if name not in HUB:
         raise DataError(f"benchmark file {missing} not found: {hint}")
     try:
@@ -83,10 +84,12 @@ def _read_file(name: str, path: Path, limit: int | None) -> list[BenchPrompt]:
             qid = obj.get(id_key, row) if id_key else row
             category, what = name, f"field {text_key!r}"
         else:
-            if "turns" not in obj:
-                raise DataError(f"{where}: missing 'turns' (MT-Bench format expected)")
-            turns = obj["turns"]
             qid = obj.get("question_id", row)
+            if "turns" not in obj:
+                raise DataError(
+                    f"{where}: missing 'turns' (MT-Bench format expected; question_id {qid})"
+                )
+            turns = obj["turns"]
             category = str(obj.get("category") or (path.stem if name == "jsonl" else name))
             what = "'turns'"
         out.append(_prompt(str(qid), category, turns, where, what))
@@ -98,10 +101,12 @@ def _read_file(name: str, path: Path, limit: int | None) -> list[BenchPrompt]:
 
 def _prompt(qid: str, category: str, turns: Any, where: str, what: str) -> BenchPrompt:
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: {what} must be a non-empty list of prompts")
-    for t in turns:
+        raise DataError(f"{where}: {what} must be a non-empty list of prompts (question_id {qid})")
+    for k, t in enumerate(turns):
         if not isinstance(t, str) or not t.strip():
-            raise DataError(f"{where}: {what} holds an empty or non-string prompt")
+            raise DataError(
+                f"{where}: {what} holds an empty or non-string prompt (question_id {qid}, turn {k})"
+            )
     return BenchPrompt(question_id=qid, category=category, turns=tuple(turns))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,14 @@ class Conversation:
         return sum(m["role"] == "assistant" for m in self.messages)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(
+    path: str | Path, bad: list[int] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (1-based line number, object) for every non-blank line; a line that is not a JSON
-    object raises DataError naming the file and line, so a bad row never passes silently."""
+    object raises DataError naming the file and line, so a bad row never passes silently.
+
+    With `bad` (training rows, where one bad row should not stop a run) such lines are skipped
+    and their numbers appended to `bad` instead; the caller warns with the count."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -37,9 +43,27 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
+                if bad is not None:
+                    bad.append(lineno)
+                    continue
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict):
+                if bad is not None:
+                    bad.append(lineno)
+                    continue
                 raise DataError(
                     f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
                 )
             yield lineno, obj
+
+
+DATA_DIR_HINT = "set TAPS_DATA_DIR or paths.data_dir to the offline data folder"
+
+
+def check_data_dir(data_dir: str | Path | None) -> None:
+    """A data dir that is set but missing is a typo, not "use the hub": say which setting
+    (the env var or the config key) holds the bad path."""
+    if data_dir and not Path(data_dir).is_dir():
+        env = os.environ.get("TAPS_DATA_DIR")
+        key = "$TAPS_DATA_DIR" if env and Path(env) == Path(data_dir) else "paths.data_dir"
+        raise DataError(f"{key}={data_dir}: data dir does not exist ({DATA_DIR_HINT})")

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taps.data.conversations import Conversation, DataError, iter_jsonl
+from taps.data.conversations import (
+    DATA_DIR_HINT,
+    Conversation,
+    DataError,
+    check_data_dir,
+    iter_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -328,13 +334,17 @@ def _gsm8k_local(
 ) -> tuple[list[Conversation], SourceInfo]:
     path = _data_file(data_dir, "gsm8k/train.jsonl")
     col = _Collector(limit)
-    for row, (_lineno, obj) in enumerate(iter_jsonl(path)):
+    bad: list[int] = []  # malformed lines: one bad training row should not stop a run
+    for row, (_lineno, obj) in enumerate(iter_jsonl(path, bad)):
         if col.full:
             break
         answer = obj.get("answer")
         if isinstance(answer, str):
             answer = clean_gsm8k_answer(answer)
         col.add(_math_pair(obj.get("question"), answer, "gsm8k_train", str(row)))
+    _warn_malformed(path, bad, any_kept=bool(col.kept) or col.full)  # full: limit=0
+    col.skipped += len(bad)
+    col.why["malformed JSON line"] += len(bad)
     col.warn(str(path))
     info = SourceInfo(
         name="mathinstruct",
@@ -351,16 +361,23 @@ def _gsm8k_local(
     return col.kept, info
 
 
+def _warn_malformed(path: Path, bad: list[int], any_kept: bool) -> None:
+    """Skipped malformed rows are counted in one warning; a file with no good row is an error."""
+    if not bad:
+        return
+    if not any_kept:
+        raise DataError(f"{path}:{bad[0]}: no usable rows, {len(bad)} malformed JSON lines")
+    log.warning("skipped %d malformed rows in %s (first at line %d)", len(bad), path, bad[0])
+
+
 def _data_file(data_dir: str | Path | None, rel: str) -> Path:
     """`<data_dir>/<rel>`, or a DataError telling how to point the loaders at the data."""
-    hint = "set TAPS_DATA_DIR or paths.data_dir to the offline data folder"
     if not data_dir:
-        raise DataError(f"no data dir given for {rel}: {hint}")
+        raise DataError(f"no data dir given for {rel}: {DATA_DIR_HINT}")
+    check_data_dir(data_dir)
     path = Path(data_dir) / rel
-    if not Path(data_dir).is_dir():
-        raise DataError(f"data dir {data_dir} does not exist: {hint}")
     if not path.is_file():
-        raise DataError(f"data file {path} not found: {hint}")
+        raise DataError(f"data file {path} not found: {DATA_DIR_HINT}")
     return path
 
 

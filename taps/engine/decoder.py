@@ -46,6 +46,22 @@ def _finish(new: list[int], eos_ids: set[int], limit: int) -> tuple[list[int], b
     return new[:limit], len(new) >= limit
 
 
+def check_context(target: Llama, prompt_len: int, max_new_tokens: int, what: str = "") -> None:
+    """Fail up front, with the numbers, instead of deep in the KV cache or rotary code: an
+    empty prompt has no position to predict from, and positions past the target's context
+    (config max_position_embeddings) are outside what it was trained on."""
+    where = f" ({what})" if what else ""
+    if prompt_len <= 0:
+        raise ValueError(f"empty prompt{where}: nothing to decode from")
+    ctx = getattr(target.config, "max_position_embeddings", None)
+    if ctx is not None and prompt_len + max_new_tokens > ctx:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+            f"{prompt_len + max_new_tokens} exceeds the context of the target ({ctx} tokens, "
+            f"max_position_embeddings){where}: lower max_new_tokens or shorten the prompt"
+        )
+
+
 class SpeculativeDecoder:
     def __init__(self, target: Llama, proposer: Proposer, eos_ids: set[int]) -> None:
         self.target = target
@@ -62,6 +78,7 @@ class SpeculativeDecoder:
         generator: torch.Generator | None = None,
         record_nodes: bool = True,
     ) -> Generation:
+        check_context(self.target, len(prompt), max_new_tokens)
         t0 = time.perf_counter()
         dev = self.target.lm_head.weight.device
         max_len = len(prompt) + max_new_tokens + 1
@@ -125,6 +142,7 @@ def vanilla_generate(
 ) -> Generation:
     """Token-by-token decoding with the same model and cache: the baseline and the reference
     for losslessness. Records the target's top-2 logit gap at every step."""
+    check_context(target, len(prompt), max_new_tokens)
     t0 = time.perf_counter()
     dev = target.lm_head.weight.device
     cache = target.new_cache(len(prompt) + max_new_tokens + 1)

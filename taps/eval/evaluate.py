@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from taps.data.benchmarks import BenchPrompt
 from taps.data.template import prompt_ids
-from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
+from taps.engine.decoder import SpeculativeDecoder, check_context, vanilla_generate
 from taps.engine.stats import Generation
 from taps.eval.metrics import acceptance_by_depth, bootstrap_tau, node_stats, routing_shares, tau
 
@@ -74,6 +74,9 @@ def run_bench(
         for k, turn in enumerate(q.turns):
             spec_hist.append({"role": "user", "content": turn})
             ids = prompt_ids(tokenizer, spec_hist)
+            # here, unlike in generate, the error can name the question
+            where = f"{bench} question_id {q.question_id!r}, turn {k}"
+            check_context(decoder.target, len(ids), max_new_tokens, where)
             gen = decoder.generate(ids, max_new_tokens, temperature, top_p, gen_rng, record_nodes)
             rec = TurnRecord(q.question_id, k, gen)
             spec_hist.append({"role": "assistant", "content": _text(tokenizer, gen.tokens)})

@@ -42,6 +42,10 @@ class Target:
     name: str
     key: str  # content key of the weights
 
+    def __post_init__(self) -> None:
+        # load_head sees only the model: let it tell a head trained on other weights.
+        self.model.target_key = self.key
+
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device

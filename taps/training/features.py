@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,18 +73,33 @@ def features_key(
 def tokenize_all(
     target: Target, conversations: list[Conversation], max_len: int
 ) -> tuple[list[list[int]], list[list[int]], list[str]]:
-    """Token ids and loss masks of the usable conversations, and the source of each one."""
+    """Token ids and loss masks of the usable conversations, and the source of each one.
+    Unusable ones (no assistant turn, nothing supervised after truncation) are skipped with
+    one counted warning: they have nothing to train on, but silence would hide a data bug."""
     ids, masks, sources = [], [], []
+    why: Counter[str] = Counter()
+    first: dict[str, str] = {}  # reason -> first conversation skipped for it
     for c in conversations:
         try:
             t = tokenize_conversation(target.tokenizer, c.messages, max_len=max_len)
-        except DataError:
-            continue
-        if sum(t.loss_mask[1:]) == 0:  # nothing left to supervise after truncation
-            continue
-        ids.append(t.input_ids)
-        masks.append(t.loss_mask)
-        sources.append(c.source)
+        except DataError as e:
+            reason = str(e).split(":")[0]
+        else:
+            if sum(t.loss_mask[1:]) > 0:
+                ids.append(t.input_ids)
+                masks.append(t.loss_mask)
+                sources.append(c.source)
+                continue
+            reason = "nothing to supervise within max_len"
+        why[reason] += 1
+        first.setdefault(reason, f"{c.source}/{c.id}")
+    if why:
+        log.warning(
+            "skipped %d of %d conversations: %s",
+            sum(why.values()),
+            len(conversations),
+            "; ".join(f"{r}: {n} (first {first[r]})" for r, n in why.most_common()),
+        )
     return ids, masks, sources
 
 
