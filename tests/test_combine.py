@@ -139,15 +139,15 @@ def test_strategy_greedy_lossless_with_oracles(tiny64, name):
     them: the output must still be the target's own greedy output, token for token."""
     model = tiny64.model
     same, taus, chosen = 0, [], set()
-    for i, p in enumerate(prompts(8, model.config.vocab_size, seed=5)):
+    for i, p in enumerate(prompts(6, model.config.vocab_size, seed=5)):
         group = oracles(tiny64, i)
         for o in group:
             o.first = p[:1]
-        out = SpeculativeDecoder(model, GROUPS[name](group), tiny64.eos_ids).generate(p, 40)
-        same += out.tokens == vanilla_generate(model, p, 40, tiny64.eos_ids).tokens
+        out = SpeculativeDecoder(model, GROUPS[name](group), tiny64.eos_ids).generate(p, 32)
+        same += out.tokens == vanilla_generate(model, p, 32, tiny64.eos_ids).tokens
         taus.append(out.tau)
         chosen |= {c.drafter for c in out.cycles}
-    assert same == 8, f"{name}: only {same}/8 prompts identical"
+    assert same == 6, f"{name}: only {same}/6 prompts identical"
     assert sum(taus) / len(taus) > 1.8  # drafts are accepted: the test exercises acceptance
     if name == "confidence":
         assert chosen == {0, 1, 2}  # every drafter's tree was verified at some point
@@ -184,9 +184,8 @@ def test_strategy_greedy_lossless_with_heads(tiny64, routing, options):
             assert max(sizes) <= spec.total_tokens
         if routing in ("confidence", "merged_tree"):
             assert all(c.draft_forwards == 3 * (1 + spec.depth) for c in out.cycles)
-        if routing in ("confidence", "merged_tree") or routing == "entropy":
-            lengths = {d.cache.length for d in proposer.drafters if routing != "entropy"}
-            assert len(lengths) <= 1  # drafters that all catch up stay in step
+            # Drafters that all catch up stay in step with each other.
+            assert len({d.cache.length for d in proposer.drafters}) == 1
 
 
 def test_identical_drafters_change_nothing(tiny64):
