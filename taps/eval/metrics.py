@@ -83,11 +83,10 @@ def routing_shares(
     """For routed strategies: the share of cycles whose verified tree came from each drafter,
     and the share of questions assigned to each by the paper's rule (the drafter with the best
     mean routing score over the question's routed cycles). None when nothing was routed."""
-    scored = [c for gens in per_question.values() for g in gens for c in g.cycles if c.route_scores]
-    if not scored:
+    cycles = [c for gens in per_question.values() for g in gens for c in g.cycles]
+    if not any(c.route_scores for c in cycles):
         return None
     n = len(names)
-    cycles = [c for gens in per_question.values() for g in gens for c in g.cycles]
     by_cycle = [sum(c.drafter == i for c in cycles) / len(cycles) for i in range(n)]
     by_question = [0] * n
     for gens in per_question.values():

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from taps.eval.figures import save_figure  # noqa: E402
 from taps.eval.routing import routing_plot  # noqa: E402
 from taps.paths import atomic_write_text  # noqa: E402
 
@@ -140,10 +141,7 @@ def heatmap(rows: list[dict], path: str | Path) -> None:
         ax.set_yticks(range(len(variants)), variants)
         ax.set_title(f"acceptance length tau, T={temp:g}")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def depth_plot(rows: list[dict], path: str | Path) -> None:
@@ -163,10 +161,7 @@ def depth_plot(rows: list[dict], path: str | Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(f"acceptance by depth, T={temp:g}")
         ax.legend(fontsize=7)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 NODE_COLUMNS = [

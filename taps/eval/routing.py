@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from taps.eval.figures import save_figure  # noqa: E402
+
 ROUTING_COLUMNS = ["variant", "bench", "temperature", "unit", "drafter", "share"]
 
 
@@ -43,8 +45,5 @@ def routing_plot(rows: list[dict], path: str | Path) -> bool:
         ax.set_title(f"share of {unit} routed to each drafter")
     axes[0].set_ylabel("share")
     axes[1].legend(title="drafter", fontsize=8)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
