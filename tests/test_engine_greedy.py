@@ -8,10 +8,10 @@ import torch
 import taps.engine.decoder as decoder_mod
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
-from taps.engine.tree import DraftTree
-from taps.engine.verify import accept_greedy
+from taps.engine.tree import DraftTree, verification_inputs
+from taps.engine.verify import NodeLogits, accept_greedy
 from taps.models.draft_head import DraftHead
-from tests.helpers import NoisyOracle
+from tests.helpers import NoisyOracle, TopKOracle
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -42,20 +42,24 @@ def test_greedy_lossless_float64_oracle(tiny64):
     assert sum(taus) / len(taus) > 2.0
 
 
-def _accept_one_too_many(tree: DraftTree, logits: torch.Tensor):
+def _rows(logits: torch.Tensor | NodeLogits) -> NodeLogits:
+    return logits if isinstance(logits, NodeLogits) else NodeLogits(logits)
+
+
+def _accept_one_too_many(tree: DraftTree, logits: torch.Tensor | NodeLogits):
     """Broken: also accepts the first draft token after the matching prefix (the classic
     off-by-one of counting the mismatch as accepted)."""
     path, _ = accept_greedy(tree, logits)
     kids = [i for i, p in enumerate(tree.parents) if p == path[-1]]
     if kids:
         path = path + [kids[0]]
-    return path, int(logits[path[-1]].argmax())
+    return path, int(_rows(logits)([path[-1]]).argmax())
 
 
-def _bonus_off_by_one(tree: DraftTree, logits: torch.Tensor):
+def _bonus_off_by_one(tree: DraftTree, logits: torch.Tensor | NodeLogits):
     """Broken: takes the bonus token from the last accepted node's parent."""
     path, _ = accept_greedy(tree, logits)
-    return path, int(logits[path[-2] if len(path) > 1 else 0].argmax())
+    return path, int(_rows(logits)([path[-2] if len(path) > 1 else 0]).argmax())
 
 
 @pytest.mark.parametrize("broken", [_accept_one_too_many, _bonus_off_by_one])
@@ -65,11 +69,16 @@ def test_exactness_check_catches_broken_rules(tiny64, monkeypatch, broken):
     assert same < 6
 
 
-@pytest.mark.parametrize("spec", [TreeSpec(1, 4, 6), TreeSpec(3, 3, 12), TreeSpec(10, 5, 60)])
-def test_head_drafter_lossless(tiny64, spec):
+@pytest.mark.parametrize(
+    "spec,lazy",
+    [(TreeSpec(1, 4, 6), None), (TreeSpec(3, 3, 12), 1), (TreeSpec(10, 5, 60), None),
+     (TreeSpec(10, 5, 60), 32)],
+)  # fmt: skip
+def test_head_drafter_lossless(tiny64, spec, lazy):
     torch.manual_seed(0)
     head = DraftHead.for_target(tiny64.model)
-    dec = SpeculativeDecoder(tiny64.model, HeadDrafter(head, spec), tiny64.eos_ids)
+    drafter = HeadDrafter(head, spec)
+    dec = SpeculativeDecoder(tiny64.model, drafter, tiny64.eos_ids, lazy_logits_from=lazy)
     for p in prompts(5, tiny64.model.config.vocab_size, seed=1):
         ref = vanilla_generate(tiny64.model, p, 32, tiny64.eos_ids)
         out = dec.generate(p, 32)
@@ -91,3 +100,24 @@ def test_eos_and_limit(tiny64):
     oracle = NoisyOracle(model, depth=4, noise=0.0)
     oracle.first = p[:1]
     assert len(SpeculativeDecoder(model, oracle, set()).generate(p, 7).tokens) == 7
+
+
+def test_lazy_logits_visit_only_the_walked_nodes(tiny64):
+    """Acceptance asks the LM head for the nodes it walks through, and the lazy rows give the
+    same verdict as logits computed for the whole tree."""
+    model = tiny64.model
+    p = prompts(1, model.config.vocab_size, seed=4)[0]
+    oracle = TopKOracle(model)  # the target's own top-2 at two levels: the walk goes 2 deep
+    oracle.first = p[:1]
+    cache = model.new_cache(len(p) + 16)
+    feats = model(torch.tensor([p]), cache=cache)[0]
+    root = int(model.logits(feats[-1]).argmax())
+    oracle.start(feats, torch.tensor(p[1:] + [root]), len(p) + 8)
+    tree = oracle.propose()
+    tokens, pos, mask = verification_inputs(tree, cache.length, feats.device)
+    h = model(tokens, pos, cache, mask)[0]
+    lazy = NodeLogits(h, model.logits)
+    path, bonus = accept_greedy(tree, lazy)
+    assert (path, bonus) == accept_greedy(tree, model.logits(h))
+    assert path == [0, 1, 3]  # top-1 then top-1: accepted to the bottom of the tree
+    assert sorted(lazy.rows) == path  # one LM-head row per visited node, none of the other 4

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from taps.engine.tree import DraftTree
-from taps.engine.verify import accept_sampling, target_probs
+from taps.engine.verify import NodeLogits, accept_sampling, target_probs
 
 V, SAMPLES = 8, 20_000
 TABLE = torch.randn(V, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
@@ -73,6 +73,8 @@ def run(rule, temperature, top_p) -> tuple[float, float]:
 
 def broken_no_residual(t, logits, temperature, top_p=1.0, generator=None):
     """Broken: after rejecting a draft token, samples the bonus from p instead of the residual."""
+    if isinstance(logits, NodeLogits):  # the decoder's lazy rows: take them all
+        logits = logits(list(range(len(t))))
     probs = target_probs(logits, temperature, top_p)
     node, path = 0, [0]
     while True:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from taps.engine.stats import CycleStats, Generation
 from taps.engine.tree import DraftTree, verification_inputs
-from taps.engine.verify import accept_greedy, accept_sampling, target_probs
+from taps.engine.verify import NodeLogits, accept_greedy, accept_sampling, target_probs
 from taps.models.llama import Llama
 
 
@@ -62,11 +62,40 @@ def check_context(target: Llama, prompt_len: int, max_new_tokens: int, what: str
         )
 
 
+class _Phases:
+    """Wall time per phase of the loop. On a GPU it synchronises first, else kernels still in
+    flight would be billed to whichever phase happens to wait for them."""
+
+    def __init__(self, out: dict[str, float], device: torch.device) -> None:
+        self.out, self.sync = out, device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.out[phase] = self.out.get(phase, 0.0) + now - self.t
+        self.t = now
+
+
 class SpeculativeDecoder:
-    def __init__(self, target: Llama, proposer: Proposer, eos_ids: set[int]) -> None:
+    def __init__(
+        self,
+        target: Llama,
+        proposer: Proposer,
+        eos_ids: set[int],
+        profile: bool = False,
+        lazy_logits_from: int | None = None,
+    ) -> None:
         self.target = target
         self.proposer = proposer
         self.eos_ids = eos_ids
+        self.profile = profile  # GPU: synchronise per phase for exact phase times
+        # Trees of at least this many tokens get target logits only at the nodes acceptance
+        # visits (one LM-head call per level it walks); smaller ones get all rows in one call.
+        # Where matmuls are bandwidth-bound (CPU, few rows) one call is cheaper; where they
+        # are compute-bound (wide trees on a CPU) the lazy walk is (experiments/README.md).
+        self.lazy_logits_from = lazy_logits_from
 
     @torch.no_grad()
     def generate(
@@ -81,21 +110,26 @@ class SpeculativeDecoder:
         check_context(self.target, len(prompt), max_new_tokens)
         t0 = time.perf_counter()
         dev = self.target.lm_head.weight.device
+        gen = Generation(tokens=[], target_forwards=1, wall_time_s=0.0)
+        tick = _Phases(gen.phase_s, dev if self.profile else torch.device("cpu"))
         max_len = len(prompt) + max_new_tokens + 1
         cache = self.target.new_cache(max_len + self.proposer.max_tree)
         ids = torch.tensor([prompt], device=dev)
         feats = self.target(ids, cache=cache)[0]
         root = _pick(self.target.logits(feats[-1]), temperature, top_p, generator)
         out, done = _finish([root], self.eos_ids, max_new_tokens)
-        gen = Generation(tokens=out, target_forwards=1, wall_time_s=0.0)
         if not done:
             self.proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), max_len)
+        tick("prefill")
         while not done:
             tree = self.proposer.propose()
+            tick("draft")
             prefix = cache.length
             tokens, positions, mask = verification_inputs(tree, prefix, dev)
             feats = self.target(tokens, positions, cache, mask)[0]
-            logits = self.target.logits(feats)
+            tick("verify")
+            lazy = self.lazy_logits_from is not None and len(tree) >= self.lazy_logits_from
+            logits = NodeLogits(feats, self.target.logits) if lazy else self.target.logits(feats)
             gen.target_forwards += 1
             if temperature <= 0:
                 path, bonus = accept_greedy(tree, logits)
@@ -105,9 +139,11 @@ class SpeculativeDecoder:
             accepted = tree.tokens[path[1:]].tolist()
             gen.cycles.append(self._stats(tree, path, record_nodes))
             out, done = _finish(out + accepted + [bonus], self.eos_ids, max_new_tokens)
+            tick("accept")
             if not done:
                 nxt = torch.tensor(accepted + [bonus], device=dev)
                 self.proposer.commit(feats[path], nxt)
+                tick("commit")
         gen.tokens = out
         gen.wall_time_s = time.perf_counter() - t0
         return gen

@@ -25,6 +25,8 @@ class Generation:
     wall_time_s: float
     cycles: list[CycleStats] = field(default_factory=list)
     top2_gaps: list[float] = field(default_factory=list)  # vanilla: logit gap at each step
+    # Seconds per phase of the loop (prefill, draft, verify, accept, commit): the profile.
+    phase_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def tau(self) -> float:

@@ -28,6 +28,9 @@ class DraftTree:
                 raise ValueError(f"node {i} has parent {p}: nodes must follow their parents")
             depth[i] = depth[p] + 1
         self.depths = depth
+        self.children: list[list[int]] = [[] for _ in self.parents]  # in tree order
+        for i, p in enumerate(self.parents[1:], start=1):
+            self.children[p].append(i)
 
     def __len__(self) -> int:
         return len(self.parents)
