@@ -2,8 +2,9 @@
 
     python experiments/train_throughput.py [--steps 40] [--vocab 8192]
 
-Runs EAGLE-2 and HASS steps (bf16 autocast, AdamW, batch 4 of the real data) in one process
-and prints tokens/s and the ratio to EAGLE-2 with the full vocabulary. Features come from the
+Runs EAGLE-2 and HASS steps (AdamW, batch 4 of the real data; bf16 autocast where bf16 is
+native, as trainer.precision=auto does) in one process and prints tokens/s, the ratio to EAGLE-2
+with the full vocabulary, and the peak memory of each (process RSS above the level before). Features come from the
 cache (computed once for data=mathinstruct if missing; the feature pass's own tokens/s is read
 from its metadata).
 """
@@ -18,7 +19,9 @@ from hydra import compose, initialize_config_dir
 
 from taps.config import CONF_DIR, register_resolvers
 from taps.data.mixture import build_mixture, select_budget
+from taps.memory import PeakMemory
 from taps.models.draft_head import DraftHead
+from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import load_smollm2
 from taps.paths import default_cache_dir, default_data_dir
 from taps.training.datamodule import FeatureDataModule
@@ -29,7 +32,7 @@ from taps.training.module import DraftModule
 from taps.training.vocab import frequent_tokens
 
 
-def measure(target, fs, hass, d2t, steps: int) -> float:
+def measure(target, fs, hass, d2t, steps: int, bf16: bool) -> tuple[float, float]:
     torch.manual_seed(0)
     head = DraftHead.for_target(target.model, d2t=d2t).train()
     module = DraftModule(head, lr=1e-3, weights=LossWeights(), hass=hass)
@@ -37,17 +40,18 @@ def measure(target, fs, hass, d2t, steps: int) -> float:
     loader = FeatureDataModule(fs, None, 4, 0).train_dataloader()
     it = iter(loader)
     tokens, t0 = 0, None
-    for i in range(steps + 3):  # three warm-up steps
-        if i == 3:
-            tokens, t0 = 0, time.perf_counter()
-        batch = next(it)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = module._step(batch, train=True)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        tokens += batch["tokens"].numel()
-    return tokens / (time.perf_counter() - t0)
+    with PeakMemory("cpu") as mem:
+        for i in range(steps + 3):  # three warm-up steps
+            if i == 3:
+                tokens, t0 = 0, time.perf_counter()
+            batch = next(it)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = module._step(batch, train=True)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            tokens += batch["tokens"].numel()
+    return tokens / (time.perf_counter() - t0), mem.extra_mb
 
 
 def main() -> None:
@@ -67,19 +71,22 @@ def main() -> None:
     )  # fmt: skip
     fs = cached_features(
         target, split.train, default_cache_dir(), cfg.data.max_len, "bfloat16",
-        "features/train", cfg.data.feature_compute_dtype,
+        "features/train", resolve_dtype(cfg.data.feature_compute_dtype, target.device),
     )  # fmt: skip
+    bf16 = resolve_precision("auto") == "bf16-mixed"
+    print(f"autocast bf16: {bf16}; threads {torch.get_num_threads()}")
     print(f"features: {fs.tokens} tokens, cached at {fs.meta['tokens_per_s']} tok/s")
     d2t, cov = frequent_tokens(fs, args.vocab, target.model.lm_head.weight.shape[0], target.eos_ids)
     print(f"draft vocabulary {args.vocab}: covers {100 * cov:.2f}% of response tokens")
     rows = []
     for name, hass in [("eagle2", None), ("hass", HassConfig())]:
         for vocab, m in [("full", None), (str(args.vocab), d2t)]:
-            rows.append((name, vocab, measure(target, fs, hass, m, args.steps)))
+            rows.append((name, vocab, *measure(target, fs, hass, m, args.steps, bf16)))
     base = rows[0][2]
-    print("| objective | vocabulary | tokens/s | vs EAGLE-2 full |\n|---|---|---|---|")
-    for name, vocab, tps in rows:
-        print(f"| {name} | {vocab} | {tps:.0f} | {tps / base:.2f}x |")
+    print("| objective | vocabulary | tokens/s | vs EAGLE-2 full | peak memory (MiB over start) |")
+    print("|---|---|---|---|---|")
+    for name, vocab, tps, mb in rows:
+        print(f"| {name} | {vocab} | {tps:.0f} | {tps / base:.2f}x | {mb:.0f} |")
 
 
 if __name__ == "__main__":

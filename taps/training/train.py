@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from taps.data.conversations import DataError
 from taps.data.mixture import build_mixture, select_budget
+from taps.memory import PeakMemory
 from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head, save_head
 from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import Target
@@ -192,7 +193,8 @@ def ensure_drafter(
     for lg in loggers:
         lg.log_hyperparams({"data": split.info, "by_source": train_fs.meta.get("by_source")})
     t0 = time.perf_counter()
-    pl_trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    with PeakMemory(target.device) as mem:
+        pl_trainer.fit(module, datamodule=dm, ckpt_path=resume)
     secs = time.perf_counter() - t0
     epochs = pl_trainer.current_epoch
     with atomic_dir(out) as tmp:
@@ -216,6 +218,8 @@ def ensure_drafter(
             if resume
             else round(train_fs.tokens * epochs / max(secs, 1e-9), 1),
             "final_metrics": {k: float(v) for k, v in pl_trainer.callback_metrics.items()},
+            # Process RSS (CPU) or torch-allocated memory (GPU) while fitting.
+            "peak_memory": mem.as_dict(),
         }
         head.eval()
         save_head(head, tmp, meta)
