@@ -6,7 +6,7 @@ import torch
 
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
-from taps.models.draft_head import DraftHead, load_head, save_head
+from taps.models.draft_head import DraftHead, load_head, save_head, with_full_vocab
 from taps.training.features import FeatureSet
 from taps.training.vocab import frequent_tokens
 
@@ -53,3 +53,18 @@ def test_frequent_tokens_counts_responses_only():
     assert d2t.tolist() == [2, 3] and abs(coverage - 5 / 6) < 1e-9
     d2t, _ = frequent_tokens(fs, 3, 16, always=[15])  # EOS kept however rare
     assert d2t.tolist() == [2, 3, 15]
+
+
+def test_with_full_vocab_keeps_the_weights_and_scores_every_token(tiny64):
+    torch.manual_seed(0)
+    model = tiny64.model
+    d2t = torch.arange(0, model.config.vocab_size, 3)
+    head = DraftHead.for_target(model, d2t=d2t)
+    full = with_full_vocab(head)
+    assert full.d2t is None and full.vocab_size == model.config.vocab_size
+    dt = model.lm_head.weight.dtype
+    g = torch.randn(2, model.config.hidden_size, dtype=dt)
+    # Same trained weights: the draft vocabulary's rows are those of the full logits.
+    torch.testing.assert_close(full.logits(g)[:, d2t], head.logits(g))
+    f, t = torch.randn(1, 3, model.config.hidden_size, dtype=dt), torch.tensor([[4, 5, 6]])
+    assert torch.equal(full(f, t), head(f, t))

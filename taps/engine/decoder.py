@@ -15,6 +15,7 @@ from torch import Tensor
 from taps.engine.stats import CycleStats, Generation
 from taps.engine.tree import DraftTree, verification_inputs
 from taps.engine.verify import NodeLogits, accept_greedy, accept_sampling, target_probs
+from taps.models.linear import fast_linear
 from taps.models.llama import Llama
 
 
@@ -38,12 +39,16 @@ def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator
     return int(torch.multinomial(p.float(), 1, generator=gen))
 
 
-def _finish(new: list[int], eos_ids: set[int], limit: int) -> tuple[list[int], bool]:
-    """Cut at the first EOS or at the token limit; report whether decoding is over."""
-    for i, t in enumerate(new):
+def _extend(out: list[int], new: list[int], eos_ids: set[int], limit: int) -> bool:
+    """Append a cycle's tokens to `out` up to the first EOS or the token limit; report whether
+    decoding is over. Touches only the new tokens: no per-cycle work grows with the output."""
+    for t in new:
+        if len(out) >= limit:
+            return True
+        out.append(t)
         if t in eos_ids:
-            return new[: i + 1][:limit], True
-    return new[:limit], len(new) >= limit
+            return True
+    return len(out) >= limit
 
 
 def check_context(target: Llama, prompt_len: int, max_new_tokens: int, what: str = "") -> None:
@@ -97,7 +102,6 @@ class SpeculativeDecoder:
         # are compute-bound (wide trees on a CPU) the lazy walk is (experiments/README.md).
         self.lazy_logits_from = lazy_logits_from
 
-    @torch.no_grad()
     def generate(
         self,
         prompt: list[int],
@@ -107,6 +111,11 @@ class SpeculativeDecoder:
         generator: torch.Generator | None = None,
         record_nodes: bool = True,
     ) -> Generation:
+        with torch.no_grad(), fast_linear():
+            return self._generate(prompt, max_new_tokens, temperature, top_p, generator,
+                                  record_nodes)  # fmt: skip
+
+    def _generate(self, prompt, max_new_tokens, temperature, top_p, generator, record_nodes):
         check_context(self.target, len(prompt), max_new_tokens)
         t0 = time.perf_counter()
         dev = self.target.lm_head.weight.device
@@ -117,7 +126,8 @@ class SpeculativeDecoder:
         ids = torch.tensor([prompt], device=dev)
         feats = self.target(ids, cache=cache)[0]
         root = _pick(self.target.logits(feats[-1]), temperature, top_p, generator)
-        out, done = _finish([root], self.eos_ids, max_new_tokens)
+        out: list[int] = []
+        done = _extend(out, [root], self.eos_ids, max_new_tokens)
         if not done:
             self.proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), max_len)
         tick("prefill")
@@ -138,7 +148,7 @@ class SpeculativeDecoder:
             cache.keep(prefix, torch.tensor(path))
             accepted = tree.tokens[path[1:]].tolist()
             gen.cycles.append(self._stats(tree, path, record_nodes))
-            out, done = _finish(out + accepted + [bonus], self.eos_ids, max_new_tokens)
+            done = _extend(out, accepted + [bonus], self.eos_ids, max_new_tokens)
             tick("accept")
             if not done:
                 nxt = torch.tensor(accepted + [bonus], device=dev)
@@ -167,6 +177,7 @@ class SpeculativeDecoder:
 
 
 @torch.no_grad()
+@fast_linear()
 def vanilla_generate(
     target: Llama,
     prompt: list[int],

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from taps.models.linear import Linear, linear
 from taps.models.llama import DecoderLayer, KVCache, Llama, Rotary
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class DraftHead(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=bias)
+        self.fc = Linear(2 * h, h, bias=bias)
         self.layer = DecoderLayer(config, layer_idx=0, input_norm=False)
         self.rotary = Rotary(config)
         # Shared with the target and frozen: buffers move with the module but are not saved.
@@ -99,11 +100,21 @@ class DraftHead(nn.Module):
 
     def logits(self, g: Tensor) -> Tensor:
         """Draft logits over the draft vocabulary (the full one unless d2t is set)."""
-        return g @ self.lm_head_weight.T
+        return linear(g, self.lm_head_weight)
 
     def to_target(self, ids: Tensor) -> Tensor:
         """Draft-vocabulary indices -> target token ids."""
         return ids if self.d2t is None else self.d2t[ids]
+
+
+def with_full_vocab(head: DraftHead) -> DraftHead:
+    """The same trained head drafting over the target's whole vocabulary (its d2t dropped):
+    what the draft vocabulary saves at inference, measured with identical weights."""
+    full = DraftHead(
+        head.config, head.embed_weight, head.lm_head_full, bias=head.fc.bias is not None
+    )
+    full.load_state_dict({k: v for k, v in head.state_dict().items() if k != "d2t"})
+    return full.to(head.fc.weight.device, head.fc.weight.dtype).eval()
 
 
 def save_head(head: DraftHead, directory: str | Path, meta: dict) -> None:

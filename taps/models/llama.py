@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taps.models.linear import Linear
+
 
 class KVCache:
     """Keys and values of every layer in one preallocated buffer.
@@ -129,10 +131,10 @@ class Attention(nn.Module):
         family = getattr(config, "model_type", "llama")
         bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = bias or family == "qwen2"
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias and family != "qwen2")
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=bias and family != "qwen2")
         self.qk_norm = family == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -190,9 +192,9 @@ class MLP(nn.Module):
         super().__init__()
         h, m = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = nn.Linear(h, m, bias=bias)
-        self.up_proj = nn.Linear(h, m, bias=bias)
-        self.down_proj = nn.Linear(m, h, bias=bias)
+        self.gate_proj = Linear(h, m, bias=bias)
+        self.up_proj = Linear(h, m, bias=bias)
+        self.down_proj = Linear(m, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -235,7 +237,7 @@ class Llama(nn.Module):
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(config)
