@@ -6,176 +6,210 @@ prompts in one process (issue 7):
                                                             merged trees
 
     python experiments/speed.py [hydra overrides ...]   # defaults: conf/experiment/speed.yaml
-    python experiments/speed.py bench.limit=3 max_new_tokens=64 tree.total_tokens=20
+    python experiments/speed.py bench.limit=3 max_new_tokens=64 'speed.methods=[ours_vanilla,single]'
 
-Prints tokens/s, speedups (medians over prompts of per-prompt ratios) against (a) and (c), tau,
-whether outputs equal (a)'s at T=0, and the ideal speedup tau x t_step / (t_draft + t_verify)
-from the measured cost of one vanilla step, one tree draft and one tree verification.
-Writes speed.json into outputs/speed/<stamp>/.
+Prints and writes (outputs/speed/<stamp>/: results.json, results.md, speed.png, and an offline
+W&B run) tokens/s, speedups (medians over prompts of per-prompt ratios) against (a) and (c),
+tau, whether outputs equal (a)'s at T=0, milliseconds per cycle by phase (draft, verify,
+accept, commit), peak memory, and the ideal speedup tau x t_step / (t_draft + t_verify) from
+the measured cost of one vanilla step, one tree draft and one verification.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+import matplotlib
 
-from taps.combine import build_proposer
-from taps.config import CONF_DIR, register_resolvers
-from taps.data.benchmarks import load_benchmark
-from taps.data.template import prompt_ids
-from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
-from taps.engine.drafting import TreeSpec
-from taps.engine.tree import verification_inputs
-from taps.models.target import convert_gguf, smollm2_gguf_path
-from taps.paths import atomic_write_text
-from taps.run import drafter_data
-from taps.training.train import ensure_drafter
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from taps.combine import build_proposer  # noqa: E402
+from taps.engine.decoder import SpeculativeDecoder  # noqa: E402
+from taps.engine.drafting import TreeSpec  # noqa: E402
+from taps.eval import speed  # noqa: E402
+from taps.eval.figures import save_figure  # noqa: E402
+from taps.models.draft_head import with_full_vocab  # noqa: E402
+from taps.models.precision import resolve_dtype  # noqa: E402
+from taps.models.target import convert_gguf, smollm2_gguf_path  # noqa: E402
+from taps.paths import atomic_write_text  # noqa: E402
+from taps.run import drafter_data  # noqa: E402
+from taps.training.train import ensure_drafter  # noqa: E402
+
+# Speculative methods: config name -> (strategy, options, drafters: single or every component).
+STRATEGIES = {
+    "single": ("single", {}, "one"),
+    "single_full_vocab": ("single", {}, "one"),  # the same head without its draft vocabulary
+    "confidence": ("confidence", {}, "all"),
+    "merged_matched": ("merged_tree", {"budget": "matched"}, "all"),
+    "merged_full": ("merged_tree", {"budget": "full"}, "all"),
+}
+HF = ("hf_generate", "hf_prompt_lookup")
 
 
-def _timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t
-
-
-def _forward(target, tokens, positions, cache, mask=None):
-    return target.logits(target(tokens, positions, cache, mask)[0])
-
-
-def hf_model(cfg):
+def hf_model(cfg: DictConfig, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     path = convert_gguf(smollm2_gguf_path(), cfg.paths.cache_dir)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
-@torch.no_grad()
-def unit_costs(target, proposer, prompt: list[int], reps: int = 5) -> dict:
-    """Seconds per vanilla step, per tree draft and per tree verification, after a prefill."""
-    dev = target.lm_head.weight.device
-    cache = target.new_cache(len(prompt) + 256)
-    feats = target(torch.tensor([prompt], device=dev), cache=cache)[0]
-    root = int(target.logits(feats[-1]).argmax())
-    proposer.start(feats, torch.tensor(prompt[1:] + [root]), len(prompt) + 256)
-    prefix = cache.length
-    draft, verify, step = [], [], []
-    for _ in range(reps):
-        tree, dt = _timed(proposer.propose)
-        draft.append(dt)
-        tokens, pos, mask = verification_inputs(tree, prefix, dev)
-        _, dt = _timed(_forward, target, tokens, pos, cache, mask)
-        verify.append(dt)
-        cache.truncate(prefix)
-        _, dt = _timed(_forward, target, tokens[:, :1], pos[:, :1], cache)
-        step.append(dt)
-        cache.truncate(prefix)
-    med = statistics.median
-    return {"step_s": med(step), "draft_s": med(draft), "verify_s": med(verify),
-            "tree_tokens": len(tree)}  # fmt: skip
+def load_heads(cfg: DictConfig, target, wanted: list[str]) -> dict:
+    """The drafters the requested strategies need: the `speed.single` component alone, or
+    every component of the data mixture (trained if missing, cached by content)."""
+    everyone = any(STRATEGIES[m][2] == "all" for m in wanted)
+    heads = {}
+    for data in drafter_data(OmegaConf.merge(cfg, {"routing": {"name": "confidence"}})):
+        if everyone or str(data.name) == str(cfg.speed.single):
+            heads[str(data.name)] = ensure_drafter(
+                target, cfg.drafter, data, cfg.trainer, cfg.paths.cache_dir, cfg.paths.data_dir,
+                cfg.seed)[0]  # fmt: skip
+    if str(cfg.speed.single) not in heads:
+        raise ValueError(
+            f"speed.single={cfg.speed.single}: not a component of data={cfg.data.name}"
+        )
+    return heads
+
+
+def build_methods(cfg: DictConfig, target) -> tuple[dict, dict]:
+    """Our methods named in speed.methods (vanilla, speculative strategies) and the decoders."""
+    names = list(cfg.speed.methods)
+    unknown = [m for m in names if m not in (*HF, "ours_vanilla", *STRATEGIES)]
+    if unknown:
+        raise ValueError(f"speed.methods: unknown {unknown}; known: "
+                         f"{[*HF, 'ours_vanilla', *STRATEGIES]}")  # fmt: skip
+    temp = float(cfg.temperature)
+    spec = TreeSpec(cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens)
+    wanted = [m for m in names if m in STRATEGIES]
+    heads = load_heads(cfg, target, wanted) if wanted else {}
+    decoders = {}
+    for m in wanted:
+        strategy, options, who = STRATEGIES[m]
+        use = [heads[str(cfg.speed.single)]] if who == "one" else list(heads.values())
+        if m == "single_full_vocab":
+            use = [with_full_vocab(use[0])]
+        proposer = build_proposer(strategy, use, spec, **options)
+        decoders[f"ours_spec_{m}"] = SpeculativeDecoder(
+            target.model, proposer, target.eos_ids, lazy_logits_from=cfg.eval.lazy_logits_from
+        )
+    methods = speed.our_methods(target.model, decoders, target.eos_ids, temp)
+    return {k: v for k, v in methods.items() if k.removeprefix("ours_spec_") in names}, decoders
+
+
+def markdown(summary: dict) -> str:
+    cols = ["tokens_per_s", "vs_hf_generate", "vs_ours_vanilla", "tau",
+            "identical_to_hf_generate", "peak_memory_mb"]  # fmt: skip
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in summary["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    costs = summary.get("unit_costs") or {}
+    if costs:
+        lines += ["", "| method | step ms | draft ms | verify ms | tree tokens | ideal speedup |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for n, c in costs.items():
+            lines.append(f"| {n} | {1e3 * c['step_s']:.1f} | {1e3 * c['draft_s']:.1f} | "
+                         f"{1e3 * c['verify_s']:.1f} | {c['tree_tokens']} | "
+                         f"{c['ideal_speedup_vs_vanilla']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> Path:
+    """Left: tokens/s per method. Right: milliseconds per cycle by phase for the speculative
+    methods, against the time vanilla decoding needs for the same tau tokens."""
+    rows = summary["methods"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    names = list(rows)
+    tps = [rows[n]["tokens_per_s"] for n in names]
+    a.barh(names, tps, color=["#888" if not n.startswith("ours_spec") else "#3a7" for n in names])
+    for y, n in enumerate(names):
+        a.text(tps[y], y, f" {rows[n].get('vs_hf_generate', '')}x", va="center", fontsize=8)
+    a.invert_yaxis()
+    a.set_xlabel("tokens/s (median over prompts; label: speedup vs transformers generate)")
+    spec = [n for n in names if "ms_per_cycle" in rows[n]]
+    step = 1e3 / rows["ours_vanilla"]["tokens_per_s"] if "ours_vanilla" in rows else None
+    left = [0.0] * len(spec)
+    for phase in ("draft", "verify", "accept", "commit"):
+        w = [rows[n]["ms_per_cycle"].get(phase, 0.0) for n in spec]
+        b.barh(spec, w, left=left, label=phase)
+        left = [x + y for x, y in zip(left, w, strict=True)]
+    if step is not None:
+        b.scatter([step * rows[n]["tau"] for n in spec], spec, marker="|", s=300, color="k",
+                  label="vanilla time for tau tokens", zorder=3)  # fmt: skip
+    b.invert_yaxis()
+    b.set_xlabel("ms per cycle")
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=5)
+    fig.suptitle(f"T={summary['temperature']:g}, {summary['prompts']} prompts, "
+                 f"{summary['threads']} threads, {summary['device']}")  # fmt: skip
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
 
 
 def main(overrides: list[str]) -> dict:
-    register_resolvers()
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("config", ["experiment=speed", *overrides])
+    cfg, out_dir = speed.compose_experiment("speed", overrides)
     torch.manual_seed(cfg.seed)
     target = instantiate(cfg.target)
-    model, tok, eos = target.model, target.tokenizer, target.eos_ids
-    spec = TreeSpec(cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens)
-    heads = {}
-    for data in drafter_data(OmegaConf.merge(cfg, {"routing": {"name": "confidence"}})):
-        heads[str(data.name)] = ensure_drafter(
-            target, cfg.drafter, data, cfg.trainer, cfg.paths.cache_dir, cfg.paths.data_dir,
-            cfg.seed)[0]  # fmt: skip
-    first = heads[str(cfg.speed.single)]
-    both = list(heads.values())
-    methods = {
-        "ours_spec_single": SpeculativeDecoder(model, build_proposer("single", [first], spec), eos),
-        "ours_spec_confidence": SpeculativeDecoder(
-            model, build_proposer("confidence", both, spec), eos),
-        "ours_spec_merged_matched": SpeculativeDecoder(
-            model, build_proposer("merged_tree", both, spec, budget="matched"), eos),
-    }  # fmt: skip
-    hf = hf_model(cfg)
-    temp = float(cfg.temperature)
-    sample = {"do_sample": temp > 0, **({"temperature": temp, "top_k": 0} if temp > 0 else {})}
-    n_new = int(cfg.max_new_tokens)
-    hf_kw = {"max_new_tokens": n_new, "pad_token_id": tok.eos_token_id, **sample}
-    per_prompt: list[dict] = []
-    prompts = load_benchmark(cfg.bench.benchmarks[0], cfg.paths.data_dir, cfg.bench.limit)
-    for q in prompts:
-        ids = prompt_ids(tok, [{"role": "user", "content": q.turns[0]}])
-        x = torch.tensor([ids])
-        rec: dict = {"question_id": q.question_id}
-        gen = torch.Generator().manual_seed(cfg.seed)
-        out, dt = _timed(hf.generate, x, **hf_kw)
-        rec["hf_generate"] = {"tokens": out[0, len(ids) :].tolist(), "s": dt}
-        if temp <= 0:  # prompt lookup is greedy-only in transformers
-            out, dt = _timed(hf.generate, x, prompt_lookup_num_tokens=10, **hf_kw)
-            rec["hf_prompt_lookup"] = {"tokens": out[0, len(ids) :].tolist(), "s": dt}
-        g, dt = _timed(vanilla_generate, model, ids, n_new, eos, temp, 1.0, gen)
-        rec["ours_vanilla"] = {"tokens": g.tokens, "s": dt}
-        for name, dec in methods.items():
-            g, dt = _timed(dec.generate, ids, n_new, temp, 1.0, gen, False)
-            rec[name] = {"tokens": g.tokens, "s": dt, "tau": g.tau}
-        per_prompt.append(rec)
-        print(q.question_id, {k: round(len(v["tokens"]) / v["s"], 1) for k, v in rec.items()
-                              if isinstance(v, dict)}, flush=True)  # fmt: skip
-    summary = summarise(per_prompt, temp)
-    ids = prompt_ids(tok, [{"role": "user", "content": prompts[0].turns[0]}])
-    summary["unit_costs"] = {n: unit_costs(model, d.proposer, ids) for n, d in methods.items()}
-    for n, c in summary["unit_costs"].items():
-        tau = summary["methods"][n]["tau"]
-        c["ideal_speedup_vs_vanilla"] = tau * c["step_s"] / (c["draft_s"] + c["verify_s"])
-    print(json.dumps(summary, indent=2))
-    out_dir = Path(cfg.paths.output_dir) / "speed" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ("target", "drafter", "data", "tree", "bench", "max_new_tokens", "temperature", "seed")
-    config = {
-        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-        for k in keys
-    }  # fmt: skip  (logger/hydra keys need a Hydra run)
-    doc = {"config": config, **summary, "prompts": per_prompt}
-    atomic_write_text(out_dir / "speed.json", json.dumps(doc, indent=2))
-    print(f"written: {out_dir / 'speed.json'}")
-    return doc
+    methods, decoders = build_methods(cfg, target)  # trains missing drafters first
+    serve = resolve_dtype(cfg.eval.get("dtype"), target.device)
+    if serve:  # as taps.run: train in the training precision, decode in this one
+        target.model.to(getattr(torch, serve))
+        for d in decoders.values():
+            for drafter in getattr(d.proposer, "drafters", [d.proposer]):
+                drafter.head.to(getattr(torch, serve))
+    dev, dtype = target.device, target.model.lm_head.weight.dtype
+    if any(m in HF for m in cfg.speed.methods):
+        hf = speed.hf_methods(hf_model(cfg, dtype, dev), target.tokenizer.eos_token_id,
+                              float(cfg.temperature), int(cfg.speed.prompt_lookup))  # fmt: skip
+        methods = {**{k: v for k, v in hf.items() if k in cfg.speed.methods}, **methods}
+    bench = cfg.bench.benchmarks[0]
+    questions, prompts = speed.first_turns(cfg, target.tokenizer)
 
-
-def summarise(per_prompt: list[dict], temp: float) -> dict:
-    """Medians over prompts of tokens/s and of per-prompt speedups (tokens/s ratios)."""
-    names = [k for k in per_prompt[0] if isinstance(per_prompt[0][k], dict)]
-    med = statistics.median
-
-    def tps(r: dict, n: str) -> float:
-        return len(r[n]["tokens"]) / r[n]["s"]
-
-    out = {}
-    for n in names:
-        row = {
-            "tokens_per_s_median": round(med([tps(r, n) for r in per_prompt]), 2),
-            "speedup_vs_hf_generate": round(
-                med([tps(r, n) / tps(r, "hf_generate") for r in per_prompt]), 3
-            ),
-            "speedup_vs_ours_vanilla": round(
-                med([tps(r, n) / tps(r, "ours_vanilla") for r in per_prompt]), 3
-            ),
+    def show(i: int, rec: dict) -> None:
+        tps = {
+            k: round(len(v["tokens"]) / v["s"], 1) for k, v in rec.items() if isinstance(v, dict)
         }
-        if "tau" in per_prompt[0][n]:
-            row["tau"] = round(med([r[n]["tau"] for r in per_prompt]), 3)
-        if temp <= 0:
-            row["identical_to_hf_generate"] = sum(
-                r[n]["tokens"] == r["hf_generate"]["tokens"] for r in per_prompt
-            )
-        out[n] = row
-    return {"temperature": temp, "prompts": len(per_prompt), "methods": out}
+        print(f"[{i + 1}/{len(prompts)}] {questions[i].question_id} tok/s {tps}", flush=True)
+
+    records = speed.measure(prompts, methods, int(cfg.max_new_tokens), int(cfg.seed), dev,
+                            int(cfg.speed.warmup_tokens), show)  # fmt: skip
+    summary = speed.summarise(records, float(cfg.temperature))
+    summary.update(bench=bench, threads=torch.get_num_threads(), device=str(dev),
+                   dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    summary["unit_costs"] = {}
+    for n, d in decoders.items():
+        c = speed.unit_costs(target.model, d.proposer, prompts[0])
+        c["ideal_speedup_vs_vanilla"] = round(
+            summary["methods"][n]["tau"] * c["step_s"] / (c["draft_s"] + c["verify_s"]), 3
+        )
+        summary["unit_costs"][n] = c
+    keys = ("target", "drafter", "data", "tree", "bench", "max_new_tokens", "temperature",
+            "seed", "speed")  # fmt: skip
+    config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+              else cfg[k] for k in keys}  # fmt: skip
+    doc = {"config": config, **summary, "records": records}
+    atomic_write_text(out_dir / "results.json", json.dumps(doc, indent=2))
+    table = markdown(summary)
+    atomic_write_text(out_dir / "results.md", table)
+    png = plot(summary, out_dir / "speed.png")
+    logger = instantiate(OmegaConf.merge(cfg.logger, {"dir": str(out_dir)})
+                         if "dir" in cfg.logger else cfg.logger)  # fmt: skip
+    logger.start({**config, "experiment": "speed"})
+    cols = ["method", "tokens_per_s", "vs_hf_generate", "vs_ours_vanilla", "tau"]
+    logger.log_table("speed", cols, [[n, *(r.get(c) for c in cols[1:])]
+                                     for n, r in summary["methods"].items()])  # fmt: skip
+    logger.log_image("speed", png)
+    logger.log_summary(
+        {f"tokens_per_s/{n}": r["tokens_per_s"] for n, r in summary["methods"].items()}
+    )
+    logger.finish()
+    print(table)
+    print(f"written: {out_dir / 'results.json'}, results.md, speed.png")
+    return doc
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             target.model.to(dtype)
             for d in getattr(proposer, "drafters", [proposer]):
                 d.head.to(dtype)
-        decoder = SpeculativeDecoder(target.model, proposer, target.eos_ids)
+        decoder = SpeculativeDecoder(target.model, proposer, target.eos_ids,
+                                     lazy_logits_from=cfg.eval.get("lazy_logits_from"))  # fmt: skip
         names = [str(d.name) for d in sources]
         label = cfg.routing.get("label", cfg.routing.name)
         data_name = names[0] if len(names) == 1 else cfg.data.name

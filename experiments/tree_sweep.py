@@ -1,0 +1,114 @@
+"""Which draft tree decodes fastest on this hardware: tau and tokens/s of single-drafter
+speculative decoding over top_k x depth x total_tokens, against our vanilla decoding, on the
+same prompts in one process (issue 7). The winner is what conf/tree/cpu.yaml should hold.
+
+    python experiments/tree_sweep.py [hydra overrides ...]  # defaults: experiment=tree_sweep
+    python experiments/tree_sweep.py bench.limit=3 max_new_tokens=96 'sweep.top_k=[2,4]'
+
+Writes outputs/tree_sweep/<stamp>/: results.json, results.md and tree_sweep.png (speedup and
+tau over total_tokens, one line per top_k x depth).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from taps.engine.decoder import SpeculativeDecoder  # noqa: E402
+from taps.engine.drafting import HeadDrafter, TreeSpec  # noqa: E402
+from taps.eval import speed  # noqa: E402
+from taps.eval.figures import save_figure  # noqa: E402
+from taps.models.precision import resolve_dtype  # noqa: E402
+from taps.paths import atomic_write_text  # noqa: E402
+from taps.run import drafter_data  # noqa: E402
+from taps.training.train import ensure_drafter  # noqa: E402
+
+
+def specs(sweep) -> list[TreeSpec]:
+    """The grid, plus chains (top_k 1) of each depth; trees too small to use their depth and
+    totals a top-k tree cannot fill are skipped."""
+    out = [TreeSpec(1, d, d + 2) for d in sweep.depth]
+    for k, d, n in itertools.product(sweep.top_k, sweep.depth, sweep.total_tokens):
+        if k > 1 and d + 2 <= n <= 1 + k + d * k * k:
+            out.append(TreeSpec(k, d, n))
+    return out
+
+
+def name(s: TreeSpec) -> str:
+    return f"k{s.top_k}_d{s.depth}_n{s.total_tokens}"
+
+
+def plot(rows: dict, grid: list[TreeSpec], path: Path) -> Path:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, d in sorted({(s.top_k, s.depth) for s in grid}):
+        line = [s for s in grid if (s.top_k, s.depth) == (k, d)]
+        xs = [s.total_tokens for s in line]
+        style = "s--" if k == 1 else "o-"
+        a.plot(xs, [rows[name(s)]["vs_ours_vanilla"] for s in line], style, label=f"k={k} d={d}")
+        b.plot(xs, [rows[name(s)]["tau"] for s in line], style, label=f"k={k} d={d}")
+    a.axhline(1.0, color="k", lw=0.8)
+    a.set(xlabel="tokens per tree (root included)", ylabel="speedup vs our vanilla (median)")
+    b.set(xlabel="tokens per tree (root included)", ylabel="tau (median)")
+    a.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
+def main(overrides: list[str]) -> dict:
+    cfg, out_dir = speed.compose_experiment("tree_sweep", overrides)
+    target = instantiate(cfg.target)
+    (data,) = drafter_data(cfg)
+    head = ensure_drafter(target, cfg.drafter, data, cfg.trainer, cfg.paths.cache_dir,
+                          cfg.paths.data_dir, cfg.seed)[0]  # fmt: skip
+    serve = resolve_dtype(cfg.eval.get("dtype"), target.device)
+    if serve:
+        target.model.to(getattr(torch, serve))
+        head.to(getattr(torch, serve))
+    grid = specs(cfg.sweep)
+    decoders = {
+        name(s): SpeculativeDecoder(target.model, HeadDrafter(head, s), target.eos_ids)
+        for s in grid
+    }
+    temp = float(cfg.temperature)
+    methods = speed.our_methods(target.model, decoders, target.eos_ids, temp)
+    _, prompts = speed.first_turns(cfg, target.tokenizer)
+    print(f"{len(grid)} trees x {len(prompts)} prompts x {cfg.max_new_tokens} tokens", flush=True)
+    records = speed.measure(prompts, methods, int(cfg.max_new_tokens), int(cfg.seed),
+                            target.device, progress=lambda i, _: print(f"prompt {i + 1} done",
+                                                                        flush=True))  # fmt: skip
+    summary = speed.summarise(records, temp)
+    rows = {n.removeprefix("ours_spec_"): r for n, r in summary["methods"].items()}
+    best = max((n for n in rows if n != "ours_vanilla"), key=lambda n: rows[n]["vs_ours_vanilla"])
+    lines = ["| tree | top_k | depth | total | tau | tok/s | vs vanilla | ms/cycle draft | verify |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in grid:
+        r = rows[name(s)]
+        ms = r["ms_per_cycle"]
+        mark = " **best**" if name(s) == best else ""
+        lines.append(f"| {name(s)}{mark} | {s.top_k} | {s.depth} | {s.total_tokens} | {r['tau']} "
+                     f"| {r['tokens_per_s']} | {r['vs_ours_vanilla']} | {ms.get('draft')} | "
+                     f"{ms.get('verify')} |")  # fmt: skip
+    lines.append(f"\nour vanilla: {rows['ours_vanilla']['tokens_per_s']} tok/s; "
+                 f"{torch.get_num_threads()} threads; T={temp:g}")  # fmt: skip
+    doc = {"bench": cfg.bench.benchmarks[0], "threads": torch.get_num_threads(),
+           "best": best, "summary": summary, "records": records}  # fmt: skip
+    atomic_write_text(out_dir / "results.json", json.dumps(doc, indent=2))
+    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+    plot(rows, grid, out_dir / "tree_sweep.png")
+    print("\n".join(lines))
+    print(f"best: {best}; written: {out_dir}")
+    return doc
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,201 @@
+"""Wall-clock speed of decoding methods on the same prompts in one process (issue 7).
+
+A method is a function (prompt ids, max new tokens, torch generator) -> Decoded. Every method
+decodes every prompt in turn, so machine noise hits all of them alike; speedups are medians
+over prompts of per-prompt tokens/s ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from taps.config import CONF_DIR, register_resolvers
+from taps.data.benchmarks import load_benchmark
+from taps.data.template import prompt_ids
+from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
+from taps.engine.tree import verification_inputs
+from taps.engine.verify import NodeLogits, accept_greedy
+from taps.memory import PeakMemory
+from taps.models.llama import Llama
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    tau: float | None = None  # speculative methods: new tokens per target forward
+    cycles: int = 0
+    phase_s: dict[str, float] = field(default_factory=dict)
+
+
+Method = Callable[[list[int], int, torch.Generator], Decoded]
+
+BASELINE = "hf_generate"  # (a): what a user gets without us
+VANILLA = "ours_vanilla"  # (c): the same model and cache as our speculative decoding
+
+
+def compose_experiment(preset: str, overrides: list[str]) -> tuple[DictConfig, Path]:
+    """The config of `experiment=<preset>` plus overrides, and a fresh outputs/<preset>/<stamp>/."""
+    register_resolvers()
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", [f"experiment={preset}", *overrides])
+    out_dir = Path(cfg.paths.output_dir) / preset / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, out_dir
+
+
+def first_turns(cfg: DictConfig, tokenizer) -> tuple[list, list[list[int]]]:
+    """The questions of the first benchmark in cfg.bench (up to bench.limit) and the chat
+    prompt ids of their first turns."""
+    questions = load_benchmark(cfg.bench.benchmarks[0], cfg.paths.data_dir, cfg.bench.limit)
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in questions]
+    return questions, prompts
+
+
+def hf_methods(hf, eos_token_id: int, temperature: float, prompt_lookup: int = 10) -> dict:
+    """(a) transformers generate and (b) prompt lookup (greedy only in transformers)."""
+    sample = {"do_sample": temperature > 0}
+    if temperature > 0:
+        sample.update(temperature=temperature, top_k=0)
+
+    def generate(ids: list[int], n: int, gen: torch.Generator, **extra) -> Decoded:
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        x = torch.tensor([ids], device=hf.device)
+        out = hf.generate(x, max_new_tokens=n, pad_token_id=eos_token_id, **sample, **extra)
+        return Decoded(out[0, len(ids) :].tolist())
+
+    methods: dict[str, Method] = {BASELINE: generate}
+    if temperature <= 0:
+        methods["hf_prompt_lookup"] = lambda ids, n, gen: generate(
+            ids, n, gen, prompt_lookup_num_tokens=prompt_lookup
+        )
+    return methods
+
+
+def our_methods(
+    target: Llama, decoders: dict[str, SpeculativeDecoder], eos: set[int], temperature: float
+) -> dict:
+    """(c) our vanilla loop and (d) our speculative decoders, named."""
+
+    def vanilla(ids: list[int], n: int, gen: torch.Generator) -> Decoded:
+        return Decoded(vanilla_generate(target, ids, n, eos, temperature, 1.0, gen).tokens)
+
+    def speculative(dec: SpeculativeDecoder) -> Method:
+        def run(ids: list[int], n: int, gen: torch.Generator) -> Decoded:
+            g = dec.generate(ids, n, temperature, 1.0, gen, record_nodes=False)
+            return Decoded(g.tokens, g.tau, len(g.cycles), g.phase_s)
+
+        return run
+
+    return {VANILLA: vanilla, **{name: speculative(d) for name, d in decoders.items()}}
+
+
+def measure(
+    prompts: list[list[int]],
+    methods: dict[str, Method],
+    max_new_tokens: int,
+    seed: int,
+    device: torch.device,
+    warmup_tokens: int = 8,
+    progress: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """Decode every prompt with every method (after one short warm-up call each); per prompt
+    and method: tokens, seconds, tau, cycles, loop phases and peak memory."""
+    for run in methods.values():  # first calls pay one-off allocation and dispatch costs
+        run(prompts[0], warmup_tokens, torch.Generator().manual_seed(seed))
+    records = []
+    for i, ids in enumerate(prompts):
+        rec: dict = {"prompt": i, "prompt_tokens": len(ids)}
+        for name, run in methods.items():
+            gen = torch.Generator().manual_seed(seed + i)
+            with PeakMemory(device) as mem:
+                t = time.perf_counter()
+                out = run(ids, max_new_tokens, gen)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                secs = time.perf_counter() - t
+            rec[name] = {"tokens": out.tokens, "s": secs, "tau": out.tau, "cycles": out.cycles,
+                         "phase_s": out.phase_s, "memory": mem.as_dict()}  # fmt: skip
+        records.append(rec)
+        if progress is not None:
+            progress(i, rec)
+    return records
+
+
+def _tps(r: dict, name: str) -> float:
+    return len(r[name]["tokens"]) / r[name]["s"]
+
+
+def summarise(records: list[dict], temperature: float) -> dict:
+    """Per method: median tokens/s, median per-prompt speedups against (a) and (c), median tau,
+    outputs identical to (a) (greedy only), ms per cycle by phase, and peak memory."""
+    names = [k for k, v in records[0].items() if isinstance(v, dict)]
+    med = statistics.median
+    out = {}
+    for n in names:
+        row = {"tokens_per_s": round(med([_tps(r, n) for r in records]), 2)}
+        for ref, key in ((BASELINE, "vs_hf_generate"), (VANILLA, "vs_ours_vanilla")):
+            if ref in records[0]:
+                row[key] = round(med([_tps(r, n) / _tps(r, ref) for r in records]), 3)
+        if records[0][n]["tau"] is not None:
+            row["tau"] = round(med([r[n]["tau"] for r in records]), 3)
+            cycles = sum(r[n]["cycles"] for r in records)
+            phases = {p for r in records for p in r[n]["phase_s"]} - {"prefill"}
+            row["ms_per_cycle"] = {
+                p: round(1e3 * sum(r[n]["phase_s"].get(p, 0.0) for r in records) / cycles, 2)
+                for p in sorted(phases)
+            }
+        if temperature <= 0 and BASELINE in records[0]:
+            row["identical_to_hf_generate"] = sum(
+                r[n]["tokens"] == r[BASELINE]["tokens"] for r in records
+            )
+        row["peak_memory_mb"] = max(r[n]["memory"]["peak_mb"] for r in records)
+        row["extra_memory_mb"] = max(r[n]["memory"]["extra_mb"] for r in records)
+        out[n] = row
+    return {"temperature": temperature, "prompts": len(records), "methods": out}
+
+
+def _median_s(fn: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def unit_costs(target: Llama, proposer, prompt: list[int], reps: int = 5) -> dict:
+    """Seconds of one vanilla step, one tree draft and one verification (target forward plus
+    greedy acceptance with its LM-head rows) after the prompt's prefill."""
+    dev = target.lm_head.weight.device
+    cache = target.new_cache(len(prompt) + 256)
+    feats = target(torch.tensor([prompt], device=dev), cache=cache)[0]
+    root = int(target.logits(feats[-1]).argmax())
+    proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), len(prompt) + 256)
+    prefix = cache.length
+    tree = proposer.propose()
+    tokens, pos, mask = verification_inputs(tree, prefix, dev)
+
+    def verify() -> None:
+        h = target(tokens, pos, cache, mask)[0]
+        accept_greedy(tree, NodeLogits(h, target.logits))
+        cache.truncate(prefix)
+
+    def step() -> None:
+        target.logits(target(tokens[:, :1], pos[:, :1], cache)[0, -1])
+        cache.truncate(prefix)
+
+    return {
+        "step_s": _median_s(step, reps),
+        "draft_s": _median_s(proposer.propose, reps),
+        "verify_s": _median_s(verify, reps),
+        "tree_tokens": len(tree),
+    }

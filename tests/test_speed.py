@@ -1,0 +1,69 @@
+"""The speed harness (taps/eval/speed.py) and peak-memory probe: what they measure and how they
+summarise it. No timing assertions: speed claims come from experiments/, not from tests."""
+
+from __future__ import annotations
+
+import torch
+
+from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
+from taps.engine.drafting import HeadDrafter, TreeSpec
+from taps.eval import speed
+from taps.memory import PeakMemory
+from taps.models.draft_head import DraftHead
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    with PeakMemory("cpu", interval_s=0.001) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+        del x
+    assert mem.extra_mb >= 48, mem.as_dict()
+    assert mem.as_dict()["kind"] == "cpu_rss" and mem.peak_mb >= mem.extra_mb
+
+
+def test_measure_and_summarise_on_a_tiny_target(tiny64):
+    torch.manual_seed(0)
+    model, eos = tiny64.model, set()
+    head = DraftHead.for_target(model)
+    dec = SpeculativeDecoder(model, HeadDrafter(head, TreeSpec(2, 2, 6)), eos)
+    methods = speed.our_methods(model, {"ours_spec_single": dec}, eos, 0.0)
+    prompts = [[5, 9, 13, 4], [7, 7, 21]]
+    records = speed.measure(prompts, methods, 12, seed=0, device=torch.device("cpu"))
+    assert [r["prompt"] for r in records] == [0, 1]
+    for r, p in zip(records, prompts, strict=True):
+        ref = vanilla_generate(model, p, 12, eos).tokens
+        assert r["ours_vanilla"]["tokens"] == ref == r["ours_spec_single"]["tokens"]
+        phases = r["ours_spec_single"]["phase_s"]
+        assert {"prefill", "draft", "verify", "accept"} <= set(phases)
+        assert sum(phases.values()) <= r["ours_spec_single"]["s"] + 1e-3
+    s = speed.summarise(records, 0.0)
+    van, spec = s["methods"]["ours_vanilla"], s["methods"]["ours_spec_single"]
+    assert van["vs_ours_vanilla"] == 1.0 and "tau" not in van
+    assert spec["tau"] >= 1.0 and set(spec["ms_per_cycle"]) >= {"draft", "verify", "accept"}
+    assert "vs_hf_generate" not in spec  # no baseline (a) in this run: no ratio invented
+    costs = speed.unit_costs(model, dec.proposer, prompts[0], reps=2)
+    assert costs["tree_tokens"] <= 6 and min(costs["step_s"], costs["verify_s"]) > 0
+
+
+def test_summarise_medians_of_per_prompt_ratios():
+    def rec(a_s: float, b_s: float) -> dict:
+        mem = {"kind": "cpu_rss", "peak_mb": 1.0, "extra_mb": 0.0}
+        return {
+            "hf_generate": {"tokens": [1] * 10, "s": a_s, "tau": None, "memory": mem},
+            "ours_vanilla": {"tokens": [1] * 10, "s": b_s, "tau": None, "memory": mem},
+        }
+
+    s = speed.summarise([rec(1.0, 0.5), rec(2.0, 0.5), rec(1.0, 1.0)], 0.0)["methods"]
+    # per prompt: vanilla is 2x, 4x and 1x as fast as generate -> median 2x
+    assert s["ours_vanilla"]["vs_hf_generate"] == 2.0
+    assert s["ours_vanilla"]["identical_to_hf_generate"] == 3
+    assert s["hf_generate"]["tokens_per_s"] == 10.0
+
+
+def test_speed_presets_compose():
+    cfg, out = speed.compose_experiment("speed", ["paths.output_dir=/tmp/taps-test-speed"])
+    assert cfg.tree.name == "cpu" and cfg.bench.benchmarks == ["gsm8k"]
+    assert cfg.speed.methods[:3] == ["hf_generate", "hf_prompt_lookup", "ours_vanilla"]
+    assert out.is_dir() and out.parent.name == "speed"
+    cfg, _ = speed.compose_experiment("tree_sweep", ["paths.output_dir=/tmp/taps-test-speed"])
+    assert cfg.data.name == "mathinstruct" and list(cfg.sweep.total_tokens)
