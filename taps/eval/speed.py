@@ -24,6 +24,7 @@ from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.tree import verification_inputs
 from taps.engine.verify import NodeLogits, accept_greedy
 from taps.memory import PeakMemory
+from taps.models.linear import fast_linear
 from taps.models.llama import Llama
 
 
@@ -172,6 +173,7 @@ def _median_s(fn: Callable[[], object], reps: int) -> float:
 
 
 @torch.no_grad()
+@fast_linear()  # the kernels the decoders use, so unit costs match the decoding they explain
 def unit_costs(target: Llama, proposer, prompt: list[int], reps: int = 5) -> dict:
     """Seconds of one vanilla step, one tree draft and one verification (target forward plus
     greedy acceptance with its LM-head rows) after the prompt's prefill."""
