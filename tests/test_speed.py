@@ -3,25 +3,29 @@ summarise it. No timing assertions: speed claims come from experiments/, not fro
 
 from __future__ import annotations
 
-import time
+import subprocess
+import sys
 
 import torch
 
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.eval import speed
-from taps.memory import PeakMemory
 from taps.models.draft_head import DraftHead
 
 
 def test_peak_memory_sees_a_transient_allocation():
-    with PeakMemory("cpu", interval_s=0.001) as mem:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched (above malloc's mmap threshold)
-        x += 1
-        time.sleep(0.2)  # held long enough for the sampler to run on a busy machine
-        del x
-    assert mem.extra_mb >= 48, mem.as_dict()
-    assert mem.as_dict()["kind"] == "cpu_rss" and mem.peak_mb >= mem.extra_mb
+    """In a fresh process: inside a long test session freed memory stays resident and is
+    reused, so a new block need not raise the RSS at all."""
+    code = (
+        "import time, torch\nfrom taps.memory import PeakMemory\n"
+        "with PeakMemory('cpu', interval_s=0.001) as m:\n"
+        "    x = torch.ones(16 * 2**20)\n    x += 1\n    time.sleep(0.2)\n    del x\n"
+        "print(m.extra_mb, m.peak_mb, m.as_dict()['kind'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    extra, peak, kind = out.stdout.split()
+    assert float(extra) >= 48 and float(peak) >= float(extra) and kind == "cpu_rss", out.stdout
 
 
 def test_measure_and_summarise_on_a_tiny_target(tiny64):
