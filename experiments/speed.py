@@ -182,7 +182,7 @@ def main(overrides: list[str]) -> dict:
                    dtype=str(dtype).removeprefix("torch."))  # fmt: skip
     summary["unit_costs"] = {}
     for n, d in decoders.items():
-        c = speed.unit_costs(target.model, d.proposer, prompts[0])
+        c = speed.unit_costs(d, prompts[0])
         c["ideal_speedup_vs_vanilla"] = round(
             summary["methods"][n]["tau"] * c["step_s"] / (c["draft_s"] + c["verify_s"]), 3
         )

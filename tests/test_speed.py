@@ -48,7 +48,7 @@ def test_measure_and_summarise_on_a_tiny_target(tiny64):
     assert van["vs_ours_vanilla"] == 1.0 and "tau" not in van
     assert spec["tau"] >= 1.0 and set(spec["ms_per_cycle"]) >= {"draft", "verify", "accept"}
     assert "vs_hf_generate" not in spec  # no baseline (a) in this run: no ratio invented
-    costs = speed.unit_costs(model, dec.proposer, prompts[0], reps=2)
+    costs = speed.unit_costs(dec, prompts[0], reps=2)
     assert costs["tree_tokens"] <= 6 and min(costs["step_s"], costs["verify_s"]) > 0
 
 

@@ -138,8 +138,7 @@ class SpeculativeDecoder:
             tokens, positions, mask = verification_inputs(tree, prefix, dev)
             feats = self.target(tokens, positions, cache, mask)[0]
             tick("verify")
-            lazy = self.lazy_logits_from is not None and len(tree) >= self.lazy_logits_from
-            logits = NodeLogits(feats, self.target.logits) if lazy else self.target.logits(feats)
+            logits = self.tree_logits(tree, feats)
             gen.target_forwards += 1
             if temperature <= 0:
                 path, bonus = accept_greedy(tree, logits)
@@ -157,6 +156,12 @@ class SpeculativeDecoder:
         gen.tokens = out
         gen.wall_time_s = time.perf_counter() - t0
         return gen
+
+    def tree_logits(self, tree: DraftTree, feats: Tensor) -> Tensor | NodeLogits:
+        """The target's logits for a verified tree: all rows in one LM-head call, or lazily
+        per visited node for trees of at least `lazy_logits_from` tokens."""
+        lazy = self.lazy_logits_from is not None and len(tree) >= self.lazy_logits_from
+        return NodeLogits(feats, self.target.logits) if lazy else self.target.logits(feats)
 
     @staticmethod
     def _stats(tree: DraftTree, path: list[int], record_nodes: bool) -> CycleStats:

@@ -22,7 +22,7 @@ from taps.data.benchmarks import load_benchmark
 from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.tree import verification_inputs
-from taps.engine.verify import NodeLogits, accept_greedy
+from taps.engine.verify import accept_greedy
 from taps.memory import PeakMemory
 from taps.models.linear import fast_linear
 from taps.models.llama import Llama
@@ -174,9 +174,10 @@ def _median_s(fn: Callable[[], object], reps: int) -> float:
 
 @torch.no_grad()
 @fast_linear()  # the kernels the decoders use, so unit costs match the decoding they explain
-def unit_costs(target: Llama, proposer, prompt: list[int], reps: int = 5) -> dict:
+def unit_costs(decoder: SpeculativeDecoder, prompt: list[int], reps: int = 5) -> dict:
     """Seconds of one vanilla step, one tree draft and one verification (target forward plus
-    greedy acceptance with its LM-head rows) after the prompt's prefill."""
+    greedy acceptance, with the decoder's own LM-head rule) after the prompt's prefill."""
+    target, proposer = decoder.target, decoder.proposer
     dev = target.lm_head.weight.device
     cache = target.new_cache(len(prompt) + 256)
     feats = target(torch.tensor([prompt], device=dev), cache=cache)[0]
@@ -188,7 +189,7 @@ def unit_costs(target: Llama, proposer, prompt: list[int], reps: int = 5) -> dic
 
     def verify() -> None:
         h = target(tokens, pos, cache, mask)[0]
-        accept_greedy(tree, NodeLogits(h, target.logits))
+        accept_greedy(tree, decoder.tree_logits(tree, h))
         cache.truncate(prefix)
 
     def step() -> None:
