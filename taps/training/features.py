@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from taps.data.conversations import Conversation, DataError
 from taps.data.template import tokenize_conversation
 from taps.models.target import DTYPES, Target, in_dtype
-from taps.paths import atomic_dir, content_key
+from taps.paths import atomic_dir, content_key, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -200,20 +200,36 @@ def cached_features(
     key = features_key(target, conversations, max_len, store_dtype, compute_dtype)
     path = Path(cache_dir) / "features" / key
     if not (path / "features.safetensors").is_file():
-        fs = compute_features(
-            target, conversations, max_len, store_dtype, desc=desc, compute_dtype=compute_dtype
-        )
-        with atomic_dir(path) as tmp:
-            save_file(
-                {
-                    "input_ids": fs.input_ids,
-                    "features": fs.features.contiguous(),
-                    "loss_mask": fs.loss_mask,
-                    "offsets": fs.offsets,
-                },
-                str(tmp / "features.safetensors"),
-            )
-            (tmp / "meta.json").write_text(json.dumps({**fs.meta, "key": key}, indent=2))
+        with file_lock(Path(cache_dir) / "locks" / f"features-{key}"):  # computed once
+            if not (path / "features.safetensors").is_file():
+                _compute_and_store(target, conversations, path, key, max_len, store_dtype,
+                                   desc, compute_dtype)  # fmt: skip
     t = load_file(str(path / "features.safetensors"))
     meta = json.loads((path / "meta.json").read_text())
     return FeatureSet(t["input_ids"], t["features"], t["loss_mask"], t["offsets"], meta)
+
+
+def _compute_and_store(
+    target: Target,
+    conversations: list[Conversation],
+    path: Path,
+    key: str,
+    max_len: int,
+    store_dtype: str,
+    desc: str,
+    compute_dtype: str | None,
+) -> None:
+    fs = compute_features(
+        target, conversations, max_len, store_dtype, desc=desc, compute_dtype=compute_dtype
+    )
+    with atomic_dir(path) as tmp:
+        save_file(
+            {
+                "input_ids": fs.input_ids,
+                "features": fs.features.contiguous(),
+                "loss_mask": fs.loss_mask,
+                "offsets": fs.offsets,
+            },
+            str(tmp / "features.safetensors"),
+        )
+        (tmp / "meta.json").write_text(json.dumps({**fs.meta, "key": key}, indent=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from taps.memory import PeakMemory
 from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head, save_head
 from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import Target
-from taps.paths import atomic_dir, content_key
+from taps.paths import atomic_dir, content_key, file_lock
 from taps.training.datamodule import FeatureDataModule
 from taps.training.features import FEATURES_VERSION, cached_features, features_key
 from taps.training.hass import HassConfig
@@ -49,6 +50,9 @@ _COSMETIC = {
 }
 # Drafter settings that change what is measured during training, not the weights.
 _DRAFTER_COSMETIC = {"val_depth"}
+# Config key -> cache entry: a sweep resolves each drafter (data selection, hashing) once per
+# process; the cache entry itself is still checked on every call.
+_RESOLVED: dict[str, Path] = {}
 
 
 def _plain(cfg: Any) -> Any:
@@ -107,6 +111,12 @@ def ensure_drafter(
         from taps.models.eagle_format import load_pretrained
 
         return load_pretrained(str(drafter.path), target.model)
+    memo = content_key(
+        target.key, *map(_plain, (drafter, data, trainer)), cache_dir, data_dir, seed
+    )
+    hit = _RESOLVED.get(memo)
+    if hit is not None and (hit / "head.safetensors").is_file():
+        return load_head(hit, target.model)
     split = build_mixture(
         select_budget(_plain(data.components), data.get("budget")),
         data_dir,
@@ -131,10 +141,45 @@ def ensure_drafter(
     drafter_cfg = {k: v for k, v in _plain(drafter).items() if k not in _DRAFTER_COSMETIC}
     key = content_key(HEAD_VERSION, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed)
     out = Path(cache_dir) / "drafters" / f"{drafter.name}-{data.name}-{key}"
-    if (out / "head.safetensors").is_file():
+    if not (out / "head.safetensors").is_file():
+        # One trainer per drafter: a parallel job that needs it waits, then finds it cached.
+        args = (target, drafter, data, trainer, split, out, key, cache_dir, seed,
+                lightning_logger, callbacks)  # fmt: skip
+        if not _launching_rank():  # a DDP worker: rank 0 holds the lock and waits for it
+            _train(*args)
+        else:
+            with file_lock(Path(cache_dir) / "locks" / out.name):
+                if not (out / "head.safetensors").is_file():
+                    _train(*args)
+    else:
         log.info("drafter cache hit: %s", out)
-        return load_head(out, target.model)
+    _RESOLVED[memo] = out
+    return load_head(out, target.model)
 
+
+def _launching_rank() -> bool:
+    """False in the extra processes of a distributed run (Lightning's DDP launcher, torchrun,
+    SLURM tasks), which must not wait on the lock that rank 0 holds while it waits for them."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def _train(
+    target: Target,
+    drafter: DictConfig,
+    data: DictConfig,
+    trainer: DictConfig,
+    split: Any,
+    out: Path,
+    key: str,
+    cache_dir: str,
+    seed: int,
+    lightning_logger: Any,
+    callbacks: list | None,
+) -> None:
+    """Train the drafter and publish it at `out` (atomically)."""
+    store = data.get("feature_dtype", "bfloat16")
+    compute = resolve_dtype(data.get("feature_compute_dtype"), target.device)
+    trainer_cfg = {k: v for k, v in _plain(trainer).items() if k not in _COSMETIC}
     train_fs = cached_features(
         target, split.train, cache_dir, data.max_len, store, "features/train", compute
     )
@@ -179,6 +224,8 @@ def ensure_drafter(
     if resume:
         log.info("resuming %s from %s", out.name, ckpt)
     loggers = [L.pytorch.loggers.CSVLogger(str(work), name="", version="")]
+    if callable(lightning_logger):  # a factory: the run's logger starts only if we train
+        lightning_logger = lightning_logger()
     if lightning_logger is not None:
         loggers.append(lightning_logger)
     callbacks = [
@@ -196,6 +243,10 @@ def ensure_drafter(
     with PeakMemory(target.device) as mem:
         pl_trainer.fit(module, datamodule=dm, ckpt_path=resume)
     secs = time.perf_counter() - t0
+    if not pl_trainer.is_global_zero:
+        # DDP re-runs this command once per extra rank: those ranks only help fit; rank 0
+        # publishes the drafter and evaluates.
+        raise SystemExit(0)
     epochs = pl_trainer.current_epoch
     with atomic_dir(out) as tmp:
         meta = {
@@ -227,4 +278,3 @@ def ensure_drafter(
             shutil.copy(work / "metrics.csv", tmp / "metrics.csv")
     shutil.rmtree(work, ignore_errors=True)
     log.info("trained %s in %.0f s: %s", out.name, secs, json.dumps(meta["final_metrics"]))
-    return load_head(out, target.model)
