@@ -35,7 +35,7 @@ from taps.engine.drafting import TreeSpec  # noqa: E402
 from taps.eval import speed  # noqa: E402
 from taps.eval.figures import save_figure  # noqa: E402
 from taps.models.draft_head import with_full_vocab  # noqa: E402
-from taps.models.precision import resolve_dtype  # noqa: E402
+from taps.models.precision import cast_for_serving  # noqa: E402
 from taps.models.target import convert_gguf, smollm2_gguf_path  # noqa: E402
 from taps.paths import atomic_write_text  # noqa: E402
 from taps.run import drafter_data  # noqa: E402
@@ -155,12 +155,10 @@ def main(overrides: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     target = instantiate(cfg.target)
     methods, decoders = build_methods(cfg, target)  # trains missing drafters first
-    serve = resolve_dtype(cfg.eval.get("dtype"), target.device)
-    if serve:  # as taps.run: train in the training precision, decode in this one
-        target.model.to(getattr(torch, serve))
-        for d in decoders.values():
-            for drafter in getattr(d.proposer, "drafters", [d.proposer]):
-                drafter.head.to(getattr(torch, serve))
+    heads = [
+        x.head for d in decoders.values() for x in getattr(d.proposer, "drafters", [d.proposer])
+    ]
+    cast_for_serving(cfg.eval.get("dtype"), target.model, heads)
     dev, dtype = target.device, target.model.lm_head.weight.dtype
     if any(m in HF for m in cfg.speed.methods):
         hf = speed.hf_methods(hf_model(cfg, dtype, dev), target.tokenizer.eos_token_id,

@@ -27,7 +27,7 @@ from taps.engine.decoder import SpeculativeDecoder  # noqa: E402
 from taps.engine.drafting import HeadDrafter, TreeSpec  # noqa: E402
 from taps.eval import speed  # noqa: E402
 from taps.eval.figures import save_figure  # noqa: E402
-from taps.models.precision import resolve_dtype  # noqa: E402
+from taps.models.precision import cast_for_serving  # noqa: E402
 from taps.paths import atomic_write_text  # noqa: E402
 from taps.run import drafter_data  # noqa: E402
 from taps.training.train import ensure_drafter  # noqa: E402
@@ -70,10 +70,7 @@ def main(overrides: list[str]) -> dict:
     (data,) = drafter_data(cfg)
     head = ensure_drafter(target, cfg.drafter, data, cfg.trainer, cfg.paths.cache_dir,
                           cfg.paths.data_dir, cfg.seed)[0]  # fmt: skip
-    serve = resolve_dtype(cfg.eval.get("dtype"), target.device)
-    if serve:
-        target.model.to(getattr(torch, serve))
-        head.to(getattr(torch, serve))
+    cast_for_serving(cfg.eval.get("dtype"), target.model, [head])
     grid = specs(cfg.sweep)
     decoders = {
         name(s): SpeculativeDecoder(target.model, HeadDrafter(head, s), target.eos_ids)

@@ -3,7 +3,9 @@ write results.json / .csv / .md and a heatmap into the Hydra run dir (and to W&B
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -17,10 +19,12 @@ from taps.config import CONF_DIR
 from taps.data.benchmarks import load_benchmark
 from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
+from taps.eval.cells import cell_key, load_cell, store_cell
 from taps.eval.evaluate import run_bench, summarise
-from taps.eval.report import COLUMNS, NODE_COLUMNS, flat, write_results
+from taps.eval.report import COLUMNS, NODE_COLUMNS, flat, result_paths, write_results
 from taps.eval.routing import ROUTING_COLUMNS, routing_table
-from taps.models.precision import resolve_dtype
+from taps.models.precision import cast_for_serving
+from taps.paths import content_key
 from taps.training.train import ensure_drafter
 
 log = logging.getLogger("taps.run")
@@ -68,49 +72,100 @@ def drafter_data(cfg: DictConfig) -> list[DictConfig]:
     return out
 
 
+_TARGETS: dict[str, object] = {}  # one loaded target per config and dtype, for the whole sweep
+
+
+def load_target(cfg: DictConfig) -> object:
+    """The target of cfg.target, cast to eval.dtype. A multirun's jobs share one process (basic
+    launcher): they share the loaded model too, instead of loading it once per job."""
+    memo = content_key(_plain(cfg.target), cfg.eval.get("dtype"))
+    if memo not in _TARGETS:
+        target = instantiate(cfg.target)
+        cast_for_serving(cfg.eval.get("dtype"), target.model, [])
+        _TARGETS[memo] = target
+    return _TARGETS[memo]
+
+
+def _cell_parts(cfg: DictConfig, target, metas: list[dict], spec: TreeSpec, options: dict) -> dict:
+    """What a benchmark x temperature cell's row depends on, besides the bench and temperature
+    (taps/eval/cells.py adds the code)."""
+    return {
+        "target": target.key,
+        "drafters": [m.get("key") or content_key(m) for m in metas],
+        "routing": cfg.routing.name,
+        "options": options,
+        "tree": [spec.top_k, spec.depth, spec.total_tokens],
+        "max_new_tokens": cfg.max_new_tokens,
+        "top_p": cfg.top_p,
+        "seed": cfg.seed,
+        "dtype": str(target.model.lm_head.weight.dtype),
+        "eval": _plain(cfg.eval),
+    }
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     logger = instantiate(cfg.logger)
     logger.start(OmegaConf.to_container(cfg, resolve=True))
     try:
-        target = instantiate(cfg.target)
-        data_dir = cfg.paths.data_dir
-        sources = drafter_data(cfg)
-        heads, metas = [], []
-        for data in sources:
-            head, head_meta = ensure_drafter(
-                target,
-                cfg.drafter,
-                data,
-                cfg.trainer,
-                cfg.paths.cache_dir,
-                data_dir,
-                cfg.seed,
-                logger.lightning_logger(),
-            )
-            heads.append(head)
-            metas.append(head_meta)
-        spec = TreeSpec(cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens)
-        options = {k: v for k, v in _plain(cfg.routing).items() if k not in _ROUTING_KEYS}
-        # Combine in the training precision (averaging), then cast for serving.
-        proposer = build_proposer(cfg.routing.name, heads, spec, **options)
-        serve = resolve_dtype(cfg.eval.get("dtype"), target.device)
-        if serve:  # serve in another precision than training used
-            dtype = getattr(torch, serve)
-            target.model.to(dtype)
-            for d in getattr(proposer, "drafters", [proposer]):
-                d.head.to(dtype)
-        decoder = SpeculativeDecoder(target.model, proposer, target.eos_ids,
-                                     lazy_logits_from=cfg.eval.get("lazy_logits_from"))  # fmt: skip
-        names = [str(d.name) for d in sources]
-        label = cfg.routing.get("label", cfg.routing.name)
-        data_name = names[0] if len(names) == 1 else cfg.data.name
-        variant = f"{cfg.drafter.name}/{data_name}" + ("" if label == "single" else f"/{label}")
-        rows = []
-        for temp in temperatures(cfg):
-            for bench in cfg.bench.benchmarks:
-                prompts = load_benchmark(bench, data_dir, cfg.bench.limit, cfg.bench.get("path"))
+        out = _run(cfg, run_dir, logger)
+    finally:
+        logger.finish()
+    paths = out["paths"]
+    if "routing" in paths:
+        print(f"routing shares: {paths['routing']}")
+    print(
+        f"\nresults: {paths['json']}\n  table: {paths['md']}\n  csv:   {paths['csv']}\n"
+        f"  plots: {paths['heatmap']}\n         {paths['depth']}"
+    )
+    if logger.run_dir:
+        print(f"  W&B offline run: {Path(logger.run_dir).parent}  (upload: wandb sync <dir>)")
+    print(Path(paths["md"]).read_text())
+    return out
+
+
+def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
+    target = load_target(cfg)
+    data_dir = cfg.paths.data_dir
+    sources = drafter_data(cfg)
+    heads, metas = [], []
+    for data in sources:
+        head, head_meta = ensure_drafter(
+            target,
+            cfg.drafter,
+            data,
+            cfg.trainer,
+            cfg.paths.cache_dir,
+            data_dir,
+            cfg.seed,
+            logger.lightning_logger,  # called only if a drafter must be trained
+        )
+        heads.append(head)
+        metas.append(head_meta)
+    spec = TreeSpec(cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens)
+    options = {k: v for k, v in _plain(cfg.routing).items() if k not in _ROUTING_KEYS}
+    # Combine in the training precision (averaging), then cast for serving.
+    proposer = build_proposer(cfg.routing.name, heads, spec, **options)
+    cast_for_serving(cfg.eval.get("dtype"), target.model,
+                     [d.head for d in getattr(proposer, "drafters", [proposer])])  # fmt: skip
+    decoder = SpeculativeDecoder(target.model, proposer, target.eos_ids,
+                                 lazy_logits_from=cfg.eval.get("lazy_logits_from"))  # fmt: skip
+    names = [str(d.name) for d in sources]
+    label = cfg.routing.get("label", cfg.routing.name)
+    data_name = names[0] if len(names) == 1 else cfg.data.name
+    variant = f"{cfg.drafter.name}/{data_name}" + ("" if label == "single" else f"/{label}")
+    parts = _cell_parts(cfg, target, metas, spec, options)
+    rows, decoded = [], 0
+    for temp in temperatures(cfg):
+        for bench in cfg.bench.benchmarks:
+            prompts = load_benchmark(bench, data_dir, cfg.bench.limit, cfg.bench.get("path"))
+            cell = {**parts, "bench": bench, "temperature": temp,
+                    "prompts": [[q.question_id, q.turns] for q in prompts]}  # fmt: skip
+            key = cell_key(**cell)
+            summary = load_cell(cfg.paths.cache_dir, key)
+            cached = summary is not None
+            if not cached:
                 result = run_bench(
                     decoder,
                     target.tokenizer,
@@ -124,72 +179,85 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                     cfg.eval.near_tie,
                     cfg.eval.record_nodes,
                 )
-                row = {
-                    "variant": variant,
-                    "routing": label,
-                    "drafter": cfg.drafter.name,
-                    "data": data_name,
-                    "drafters": names,
-                    "tree": cfg.tree.name,
-                    **summarise(result, spec.depth + 1, names),
-                }
-                log.info(
-                    "%s %s T=%g: tau %.3f (%d turns, %.1f tok/s)",
-                    variant,
-                    bench,
-                    temp,
-                    row["tau"],
-                    row["turns"],
-                    row["tokens_per_s"],
-                )
-                rows.append(row)
-        meta = {
-            "target": target.name,
-            "drafter": metas[0] if len(metas) == 1 else None,
-            "drafters": dict(zip(names, metas, strict=True)),
-            "max_new_tokens": cfg.max_new_tokens,
-            "tau_definition": "new tokens / target forwards, prefill included, over all "
-            "turns of a benchmark (token-weighted)",
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
-        paths = write_results(run_dir, rows, meta)
-        logger.log_table("tau_grid", COLUMNS, [list(flat(r).values()) for r in rows])
-        logger.log_image("tau_heatmap", paths["heatmap"])
-        logger.log_image("acceptance_by_depth", paths["depth"])
-        logger.log_table(
-            "node_stats", NODE_COLUMNS, [[r.get(c) for c in NODE_COLUMNS] for r in rows]
-        )
-        depth_cols = ["variant", "bench", "temperature", "depth", "fraction"]
-        logger.log_table(
-            "acceptance_by_depth",
-            depth_cols,
-            [
-                [r["variant"], r["bench"], r["temperature"], d + 1, x]
-                for r in rows
-                for d, x in enumerate(r["acceptance_by_depth"])
-            ],
-        )
-        if "routing" in paths:
-            logger.log_image("routing_shares", paths["routing"])
-            logger.log_table("routing_shares", ROUTING_COLUMNS, routing_table(rows))
-        logger.log_summary({f"tau/{r['bench']}/T{r['temperature']:g}": r["tau"] for r in rows})
-    finally:
-        logger.finish()
-    if "routing" in paths:
-        print(f"routing shares: {paths['routing']}")
-    print(
-        f"\nresults: {paths['json']}\n  table: {paths['md']}\n  csv:   {paths['csv']}\n"
-        f"  plots: {paths['heatmap']}\n         {paths['depth']}"
+                summary = summarise(result, spec.depth + 1, names)
+                store_cell(cfg.paths.cache_dir, key, summary, cell)
+                decoded += 1
+            row = {
+                "variant": variant,
+                "routing": label,
+                "drafter": cfg.drafter.name,
+                "data": data_name,
+                "drafters": names,
+                "tree": cfg.tree.name,
+                **summary,
+                "cell": key,
+            }
+            log.info(
+                "%s %s T=%g: tau %.3f (%d turns, %.1f tok/s)%s",
+                variant,
+                bench,
+                temp,
+                row["tau"],
+                row["turns"],
+                row["tokens_per_s"],
+                " [cached]" if cached else "",
+            )
+            rows.append(row)
+    meta = {
+        "target": target.name,
+        "drafter": metas[0] if len(metas) == 1 else None,
+        "drafters": dict(zip(names, metas, strict=True)),
+        "max_new_tokens": cfg.max_new_tokens,
+        "tau_definition": "new tokens / target forwards, prefill included, over all "
+        "turns of a benchmark (token-weighted)",
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if _unchanged(run_dir, rows):  # a re-run with every cell cached: nothing new to log
+        log.info("%s: every cell cached and results unchanged; nothing logged", run_dir)
+        return {"rows": rows, "paths": result_paths(run_dir), "decoded": decoded}
+    paths = write_results(run_dir, rows, meta)
+    log_results(logger, rows, paths)
+    return {"rows": rows, "paths": paths, "decoded": decoded}
+
+
+def _unchanged(run_dir: Path, rows: list[dict]) -> bool:
+    try:
+        old = json.loads((run_dir / "results.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return json.dumps(old, sort_keys=True, default=str) == json.dumps(
+        rows, sort_keys=True, default=str
+    ) and all(p.is_file() for k, p in result_paths(run_dir).items() if k != "routing")
+
+
+def log_results(logger, rows: list[dict], paths: dict[str, Path]) -> None:
+    logger.log_table("tau_grid", COLUMNS, [list(flat(r).values()) for r in rows])
+    logger.log_image("tau_heatmap", paths["heatmap"])
+    logger.log_image("acceptance_by_depth", paths["depth"])
+    logger.log_table("node_stats", NODE_COLUMNS, [[r.get(c) for c in NODE_COLUMNS] for r in rows])
+    depth_cols = ["variant", "bench", "temperature", "depth", "fraction"]
+    logger.log_table(
+        "acceptance_by_depth",
+        depth_cols,
+        [
+            [r["variant"], r["bench"], r["temperature"], d + 1, x]
+            for r in rows
+            for d, x in enumerate(r["acceptance_by_depth"])
+        ],
     )
-    if logger.run_dir:
-        print(f"  W&B offline run: {Path(logger.run_dir).parent}  (upload: wandb sync <dir>)")
-    print(Path(paths["md"]).read_text())
-    return {"rows": rows, "paths": paths}
+    if "routing" in paths:
+        logger.log_image("routing_shares", paths["routing"])
+        logger.log_table("routing_shares", ROUTING_COLUMNS, routing_table(rows))
+    logger.log_summary({f"tau/{r['bench']}/T{r['temperature']:g}": r["tau"] for r in rows})
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    n_jobs = hc.launcher.get("n_jobs") if "launcher" in hc else None
+    if n_jobs and n_jobs > 1:  # parallel sweep jobs share the cores instead of fighting for them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+    run(cfg, hc.runtime.output_dir)
 
 
 if __name__ == "__main__":

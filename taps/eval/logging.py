@@ -10,6 +10,9 @@ from typing import Any
 class NullRunLogger:
     """logger=none: results still go to files in the run dir."""
 
+    def __init__(self, **settings: Any) -> None:
+        pass  # group/name set by an experiment preset mean nothing without a logger
+
     def start(self, config: dict) -> None:
         pass
 
@@ -46,32 +49,40 @@ class WandbRunLogger(NullRunLogger):
     ) -> None:
         self.kw = {"project": project, "mode": mode, "dir": dir, "group": group, "name": name}
         self.run = None
+        self.config: dict = {}
 
     def start(self, config: dict) -> None:
-        import wandb
+        """Remember the config; the W&B run itself opens on first use, so a job that has
+        nothing new to log (every cell cached, results unchanged) creates no run."""
+        self.config = config
 
-        if self.kw["dir"]:
-            Path(self.kw["dir"]).mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(config=config, reinit="create_new", **self.kw)
+    def _open(self) -> Any:
+        if self.run is None:
+            import wandb
+
+            if self.kw["dir"]:
+                Path(self.kw["dir"]).mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(config=self.config, reinit="create_new", **self.kw)
+        return self.run
 
     def lightning_logger(self) -> Any:
         from lightning.pytorch.loggers import WandbLogger
 
-        return WandbLogger(experiment=self.run) if self.run is not None else None
+        return WandbLogger(experiment=self._open())
 
     def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
         import wandb
 
-        self.run.log({name: wandb.Table(columns=columns, data=rows)})
+        self._open().log({name: wandb.Table(columns=columns, data=rows)})
 
     def log_image(self, name: str, path: str | Path) -> None:
         import wandb
 
-        self.run.log({name: wandb.Image(str(path))})
+        self._open().log({name: wandb.Image(str(path))})
 
     def log_summary(self, values: dict) -> None:
-        self.run.summary.update(values)
+        self._open().summary.update(values)
 
     def finish(self) -> None:
         if self.run is not None:

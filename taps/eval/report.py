@@ -175,7 +175,7 @@ NODE_COLUMNS = [
 ]
 
 
-def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str, Path]:
+def result_paths(run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     paths = {
         "json": run_dir / "results.json",
@@ -185,6 +185,14 @@ def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str
         "depth": run_dir / "acceptance_by_depth.png",
         "routing": run_dir / "routing_shares.png",
     }
+    if not paths["routing"].is_file():
+        del paths["routing"]
+    return paths
+
+
+def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str, Path]:
+    run_dir = Path(run_dir)
+    paths = {**result_paths(run_dir), "routing": run_dir / "routing_shares.png"}
     doc = {"schema_version": SCHEMA_VERSION, **meta, "rows": rows}
     atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str))
     atomic_write_text(paths["csv"], to_csv(rows))

@@ -54,3 +54,14 @@ def resolve_precision(precision: str | int | None, accelerator: str | None = "cp
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     device = "cuda" if gpu else "cpu"
     return "bf16-mixed" if bf16_is_fast(device) else "32-true"
+
+
+def cast_for_serving(name: str | None, target: torch.nn.Module, heads: list) -> str | None:
+    """Cast the target and draft heads to eval.dtype (resolving `auto`): training runs in its
+    own precision, decoding in this one. Returns the dtype name, or None (kept as loaded)."""
+    serve = resolve_dtype(name, next(target.parameters()).device)
+    if serve:
+        dtype = getattr(torch, serve)
+        for module in (target, *heads):
+            module.to(dtype)
+    return serve
