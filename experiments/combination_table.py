@@ -13,9 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from taps.eval.metrics import bootstrap_taus, percentile_interval
+from taps.eval.paper import mean_with_ci
 
 MATH_BENCHES = ("gsm8k", "math500", "svamp")
 
@@ -31,17 +29,6 @@ def load_rows(dirs: list[str]) -> list[dict]:
 def _ci(row: dict) -> tuple[float, float] | None:
     ci = row.get("tau_ci95")
     return tuple(ci) if ci else None
-
-
-def mean_with_ci(rows: list[dict]) -> tuple[float, tuple[float, float] | None]:
-    """Mean tau over benchmarks; its interval resamples each benchmark's questions at once."""
-    mean = sum(r["tau"] for r in rows) / len(rows)
-    if not all(len(r.get("per_question") or {}) >= 2 for r in rows):
-        return mean, None
-    reps = torch.stack(
-        [bootstrap_taus(list(r["per_question"].values()), seed=i) for i, r in enumerate(rows)]
-    ).mean(0)
-    return mean, percentile_interval(reps)
 
 
 def _cell(tau: float, ci: tuple[float, float] | None) -> str:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from taps.eval.paper import STUDIES, load_rows, write_report
+from taps.eval.paper_wandb import log_study
 from taps.paths import REPO_ROOT, atomic_write_text, default_cache_dir, default_data_dir
 
 
@@ -88,6 +89,18 @@ def run_studies(out: Path, overrides: list[str], cache: Path, force: bool = Fals
     return record
 
 
+def log_to_wandb(out: Path, studies: list[str], overrides: list[str]) -> None:
+    """Study summary runs for the studies that ran, with the jobs' logger settings."""
+    opts = dict(o.split("=", 1) for o in overrides if o.startswith("logger"))
+    if opts.get("logger", "wandb") != "wandb":
+        return
+    for study in studies:
+        where = log_study(study, load_rows(out, study), out, opts.get("logger.project", "taps"),
+                          opts.get("logger.mode", "offline"))  # fmt: skip
+        if where:
+            print(f"W&B {study}: {Path(where).parent}")
+
+
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=str(REPO_ROOT / "outputs" / "paper"))
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.perf_counter()
     report = write_report(out, history)
     print(f"\nreport: {report} ({time.perf_counter() - t0:.0f} s to build)")
+    ran = [s for s, r in history[-1]["studies"].items() if not r.get("skipped")] if history else []
+    log_to_wandb(out, STUDIES if args.report_only else ran, overrides)
     if history:
         last = history[-1]
         done = {k: sum(s[k] for s in last["studies"].values())

@@ -12,7 +12,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from taps.combine import build_proposer
 from taps.config import CONF_DIR
@@ -257,6 +257,9 @@ def main(cfg: DictConfig) -> None:
     n_jobs = hc.launcher.get("n_jobs") if "launcher" in hc else None
     if n_jobs and n_jobs > 1:  # parallel sweep jobs share the cores instead of fighting for them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+    if "name" in cfg.logger and cfg.logger.name is None and hc.job.override_dirname:
+        with open_dict(cfg):  # a sweep job's W&B run is named by its overrides
+            cfg.logger.name = hc.job.override_dirname
     run(cfg, hc.runtime.output_dir)
 
 

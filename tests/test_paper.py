@@ -1,0 +1,130 @@
+"""The paper's study as one command: the study configs compose into the multiruns they name,
+the GPU scale and DDP trainer compose, a two-job joblib multirun works here (each drafter
+trained once under the lock, a re-run decodes nothing), and experiments/paper.py skips only
+studies that are really up to date."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from taps.config import CONF_DIR
+from taps.eval.cells import cell_key, load_cell, store_cell
+from taps.eval.paper import STUDIES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose(overrides: list[str], hydra: bool = False):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+def _paper_script():
+    spec = importlib.util.spec_from_file_location("paper_script", ROOT / "experiments/paper.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_study_configs_are_multiruns_at_cpu_scale(study):
+    cfg = _compose([f"experiment={study}"], hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert params["temperature"] == "0.0,1.0"  # every study sweeps both temperatures
+    assert cfg.data.budget == "tiny" and cfg.tree.name == "cpu" and cfg.bench.limit == 2
+    assert cfg.logger.group == study
+    for key, values in params.items():  # every swept option exists
+        if key in ("drafter", "data", "routing"):
+            for v in values.split(","):
+                assert (Path(CONF_DIR) / key / f"{v}.yaml").is_file(), (key, v)
+
+
+def test_paper_gpu_scale_has_the_papers_sizes():
+    cfg = _compose(["experiment=specialization", "scale=paper_gpu"])
+    assert cfg.target.name == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert cfg.data.budget == "paper" and cfg.data.max_len == 1024
+    assert cfg.trainer.max_epochs == 20 and cfg.trainer.precision == "bf16-mixed"
+    assert (cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens) == (10, 5, 60)
+    assert cfg.bench.limit is None and cfg.drafter.draft_vocab is None
+    single = _compose(["experiment=paper_gpu"])  # the single-run preset shares the scale
+    assert single.data.budget == "paper" and single.trainer.max_epochs == 20
+
+
+def test_ddp_trainer_builds_a_ddp_strategy():
+    cfg = _compose(["trainer=ddp"])
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+    # The same config on CPUs (gloo): the Trainer must accept it (no GPU here to fit on).
+    kw = {k: v for k, v in cfg.trainer.items() if k != "checkpoint_every"}
+    trainer = instantiate({**kw, "accelerator": "cpu", "devices": 2, "precision": "32-true"})
+    assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.world_size == 2
+
+
+TINY = [
+    "target=tiny_random",
+    "data.components=[{source: mathinstruct, examples: 16}]",
+    "data.max_len=96",
+    "trainer.max_epochs=1",
+    "bench.limit=1",
+    "bench.benchmarks=[gsm8k,mt_bench]",
+    "max_new_tokens=6",
+    "logger=none",
+]
+
+
+def test_two_job_joblib_multirun(tmp_path):
+    env = {**os.environ, "TAPS_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "taps.run", "-m", "hydra/launcher=parallel", *TINY,
+           "temperature=0.0,1.0", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "joblib" in first.stderr + first.stdout.lower()
+    docs = [json.loads((tmp_path / "sweep" / j / "results.json").read_text()) for j in "01"]
+    assert [d["config"]["temperature"] for d in docs] == [0.0, 1.0]
+    assert {d["drafter"]["key"] for d in docs} == {docs[0]["drafter"]["key"]}
+    heads = list((tmp_path / "cache" / "drafters").glob("*/head.safetensors"))
+    assert len(heads) == 1  # both jobs needed it: trained once, under the lock
+    assert len(list((tmp_path / "cache" / "cells").glob("*.json"))) == 4
+    stamp = (tmp_path / "sweep" / "0" / "results.json").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert log.count("[cached]") == 4 and "nothing logged" in log
+    assert (tmp_path / "sweep" / "0" / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_cell_keys_and_unreadable_cells(tmp_path):
+    base = {"target": "t", "bench": "gsm8k", "temperature": 0.0, "max_new_tokens": 8}
+    key = cell_key(**base)
+    assert key == cell_key(**dict(reversed(base.items())))
+    for change in ({"temperature": 1.0}, {"max_new_tokens": 9}, {"bench": "svamp"}):
+        assert cell_key(**{**base, **change}) != key
+    assert load_cell(tmp_path, key) is None
+    store_cell(tmp_path, key, {"tau": 2.0}, base)
+    assert load_cell(tmp_path, key) == {"tau": 2.0}
+    (tmp_path / "cells" / f"{key}.json").write_text("{not json")
+    assert load_cell(tmp_path, key) is None  # decoded again, never a crash or a stale row
+
+
+def test_paper_script_skips_only_what_is_up_to_date(tmp_path):
+    paper = _paper_script()
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    study = out / "runs" / "depth"
+    (study / "0").mkdir(parents=True)
+    (study / "0" / "results.json").write_text(json.dumps({"rows": [{"cell": "abc"}]}))
+    store_cell(cache, "abc", {"tau": 1.5}, {})
+    stamp = paper.fingerprint(["bench.limit=2"], "")
+    assert not paper.up_to_date(study, stamp, cache)  # never finished
+    (study / "done.json").write_text(json.dumps({"fingerprint": stamp}))
+    assert paper.up_to_date(study, stamp, cache)
+    assert not paper.up_to_date(study, paper.fingerprint(["bench.limit=3"], ""), cache)
+    (cache / "cells" / "abc.json").unlink()
+    assert not paper.up_to_date(study, stamp, cache)  # a cited cell is gone: run it again
