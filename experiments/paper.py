@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from taps.eval.paper import STUDIES, load_rows, write_report
 from taps.eval.paper_wandb import log_study
+from taps.models.precision import bf16_is_fast
 from taps.paths import REPO_ROOT, atomic_write_text, default_cache_dir, default_data_dir
 
 
@@ -62,6 +66,11 @@ def run_studies(out: Path, overrides: list[str], cache: Path, force: bool = Fals
     record = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": overrides, "studies": {}}
     t_all = time.perf_counter()
     stamp = fingerprint(overrides, default_data_dir())
+    env = dict(os.environ)
+    if "TAPS_BF16" not in env and not torch.cuda.is_available():
+        # Decide once, for every job: `auto` precisions enter cache keys, and a timing probe
+        # run in each job under full load could, rarely, decide differently.
+        env["TAPS_BF16"] = "1" if bf16_is_fast("cpu") else "0"
     for study in STUDIES:
         if not force and up_to_date(out / "runs" / study, stamp, cache):
             print(f"=== {study}: up to date (runs/{study}/done.json; --force re-checks)")
@@ -76,7 +85,7 @@ def run_studies(out: Path, overrides: list[str], cache: Path, force: bool = Fals
                f"hydra.sweep.dir={out / 'runs' / study}", *overrides]  # fmt: skip
         print(f"\n=== {study}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+        subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
         record["studies"][study] = {
             "seconds": round(time.perf_counter() - t0, 1),
             "drafters_trained": _count(cache / "drafters", "*/head.safetensors") - before[0],

@@ -128,3 +128,26 @@ def test_paper_script_skips_only_what_is_up_to_date(tmp_path):
     assert not paper.up_to_date(study, paper.fingerprint(["bench.limit=3"], ""), cache)
     (cache / "cells" / "abc.json").unlink()
     assert not paper.up_to_date(study, stamp, cache)  # a cited cell is gone: run it again
+
+
+def test_ddp_training_on_two_cpu_processes(tmp_path):
+    """trainer=ddp really trains across 2 processes (gloo on CPU): the extra rank re-runs the
+    command, skips the lock rank 0 holds, helps fit and exits; rank 0 saves and evaluates."""
+    env = {**os.environ, "TAPS_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "taps.run", *TINY, "data.max_len=256", "trainer=ddp",
+           "data.components=[{source: mathinstruct, examples: 32}]", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.precision=32-true", "bench.benchmarks=[gsm8k]",
+           f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["drafter"]["trainer"]["strategy"] == "ddp"
+    assert len(list((tmp_path / "cache" / "drafters").glob("*/head.safetensors"))) == 1
+    log = (
+        proc.stdout
+        + proc.stderr
+        + "".join(f.read_text() for f in (tmp_path / "run").glob("train_ddp_process_*.log"))
+    )
+    assert "Starting with 2 processes" in log and "Error" not in log
+    # 30 examples, batch 4: 8 batches an epoch, 4 on each rank, so 4 optimizer steps.
+    assert doc["drafter"]["global_step"] == 4

@@ -54,6 +54,11 @@ class FeatureDataModule(L.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
         self.sampler = EpochBatchSampler(len(self.train_set), batch_size, seed)
 
+    def setup(self, stage: str) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:  # DDP: our sampler shards itself
+            self.sampler.shard(trainer.global_rank, trainer.world_size)
+
     def train_dataloader(self) -> DataLoader:
         # Own generators: creating an iterator draws a seed, which must not consume the global
         # RNG that drives input noise (a resumed run would otherwise get other noise).

@@ -96,8 +96,8 @@ class DraftModule(L.LightningModule):
             params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
         )
         epochs = max(int(self.trainer.max_epochs or 1), 1)
-        if self.steps_per_epoch:
-            total = self.steps_per_epoch * epochs
+        if self.steps_per_epoch:  # counted before DDP split the batches between ranks
+            total = max(self.steps_per_epoch // max(self.trainer.world_size, 1), 1) * epochs
         else:
             total = max(int(self.trainer.estimated_stepping_batches), 1)
         warm = min(self.warmup_steps, max(total // 10, 1))

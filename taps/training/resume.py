@@ -45,13 +45,21 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.trained = 0  # batches of the current epoch already trained (set by LastCheckpoint)
         self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip after a resume
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Under DDP each rank takes every world-th batch of the same permutation (the same
+        count on every rank: the last few batches of an epoch are dropped)."""
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size) // self.world
 
     def __iter__(self) -> Iterator[list[int]]:
         order = list(self.sampler)
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.world > 1:
+            batches = batches[: len(batches) // self.world * self.world][self.rank :: self.world]
         skip = self._skip[1] if self._skip and self._skip[0] == self.sampler.epoch else 0
         yield from batches[skip:]
 
@@ -83,8 +91,9 @@ class LastCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        trainer.save_checkpoint(tmp)  # every rank calls it; under DDP only rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int
