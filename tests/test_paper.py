@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,47 @@ def test_ddp_training_on_two_cpu_processes(tmp_path):
     assert "Starting with 2 processes" in log and "Error" not in log
     # 30 examples, batch 4: 8 batches an epoch, 4 on each rank, so 4 optimizer steps.
     assert doc["drafter"]["global_step"] == 4
+
+
+FIXTURE = ROOT / "tests" / "data" / "paper"  # results of a real `make paper` (README there)
+
+
+def test_report_regenerates_from_stored_results(tmp_path):
+    """The committed report.md is exactly what the report builder makes of the committed
+    results.json files and wall-time log, figures included."""
+    from taps.eval.paper import write_report
+    from taps.eval.paper_figures import FIGURES
+
+    shutil.copytree(FIXTURE / "runs", tmp_path / "runs")
+    history = json.loads((FIXTURE / "timing.json").read_text())
+    path = write_report(tmp_path, history)
+    assert path.read_text() == (FIXTURE / "report.md").read_text()
+    for name in FIGURES:
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000, name
+        assert f"]({name}.png)" in path.read_text()
+
+
+def test_report_tables_agree_with_the_results():
+    """Every tau in the report's tables is the tau of the matching results.json row, and the
+    average is the mean of the four benchmarks."""
+    from taps.eval.paper import BENCHES, KINDS, VARIANTS, load_rows, pick
+
+    studies = {s: load_rows(FIXTURE, s) for s in STUDIES}
+    report = (FIXTURE / "report.md").read_text()
+    checked = 0
+    for block in report.split("\n### ")[1:]:
+        head, *lines = block.splitlines()
+        kind_name, temp = head.split(", T=")
+        kind = next(k for k, v in KINDS.items() if v == kind_name)
+        for line in lines:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            variant = next((v for v in VARIANTS if v[0] == cells[0]), None)
+            if variant is None:
+                continue
+            rows = pick(studies[variant[1]], kind, float(temp), **variant[2])
+            taus = [rows[b]["tau"] for b in BENCHES]
+            for b, cell, tau in zip(BENCHES, cells[1:5], taus, strict=True):
+                assert float(cell.split()[0]) == pytest.approx(tau, abs=0.005), (head, b)
+            assert float(cells[5].split()[0]) == pytest.approx(sum(taus) / 4, abs=0.005)
+            checked += 1
+    assert checked == 4 * len(VARIANTS)  # every variant, both kinds, both temperatures

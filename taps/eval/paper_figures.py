@@ -62,8 +62,8 @@ def entropy_bars(studies: Rows, path: Path) -> tuple[str | None, str | None]:
     groups = [(s, kind, t) for s in ("confidence", "entropy") for kind, t in KIND_T
               if any(r["routing"] == s and r["drafter"] == kind and r["temperature"] == t
                      for r in rows)]  # fmt: skip
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.9 * len(groups), 4))
-    labels = [f"{s}\n{kind} T={t:g}" for s, kind, t in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 2 + 1.5 * len(groups)), 4.2))
+    labels = [f"{s}\n{kind}\nT={t:g}" for s, kind, t in groups]
     for ax, stat in zip(axes, ("entropy", "confidence"), strict=True):
         for j, (which, color) in enumerate((("accepted", "C2"), ("rejected", "C3"))):
             vals = [_mean([r[f"{which}_{stat}"] for r in rows if r["routing"] == s
@@ -74,7 +74,7 @@ def entropy_bars(studies: Rows, path: Path) -> tuple[str | None, str | None]:
             ax.bar(xs, vals, width=0.38, color=color, label=f"{which} draft tokens")
         ax.set_xticks(range(len(groups)), labels, fontsize=7)
         ax.set_title(f"drafter {stat} at draft nodes")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     save_figure(fig, path)
     return "Entropy and confidence of accepted and rejected draft tokens", (
         "Mean drafter entropy (left) and confidence (right) at the draft nodes the target "
@@ -123,9 +123,9 @@ def routing_shares(studies: Rows, path: Path) -> tuple[str | None, str | None]:
             ax.bar(xs, cyc, width=0.2, color=f"C{j}", label=f"{kind} T={temp:g}")
             ax.scatter(xs, qs, color="k", marker="_", s=120, zorder=3)
         ax.set_xticks(range(len(benches)), benches)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.05)
         ax.set_title(f"{strategy} routing: share sent to the math drafter")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
     axes[0].set_ylabel("share of cycles (bars), of questions (black ticks)")
     save_figure(fig, path)
     return "Routing shares", (
