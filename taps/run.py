@@ -72,18 +72,19 @@ def drafter_data(cfg: DictConfig) -> list[DictConfig]:
     return out
 
 
-_TARGETS: dict[str, object] = {}  # one loaded target per config and dtype, for the whole sweep
+_TARGETS: dict[str, tuple] = {}  # config key -> (target, dtype as loaded), for a whole sweep
 
 
-def load_target(cfg: DictConfig) -> object:
-    """The target of cfg.target, cast to eval.dtype. A multirun's jobs share one process (basic
-    launcher): they share the loaded model too, instead of loading it once per job."""
-    memo = content_key(_plain(cfg.target), cfg.eval.get("dtype"))
-    if memo not in _TARGETS:
+def load_target(cfg: DictConfig):
+    """The target of cfg.target as loaded. A multirun's jobs share one process (basic
+    launcher), so they share the loaded model too; a job that cast it to another eval.dtype
+    for serving makes the next job load it afresh (casting back would not restore it)."""
+    memo = content_key(_plain(cfg.target))
+    target, dtype = _TARGETS.get(memo, (None, None))
+    if target is None or target.model.lm_head.weight.dtype != dtype:
         target = instantiate(cfg.target)
-        cast_for_serving(cfg.eval.get("dtype"), target.model, [])
-        _TARGETS[memo] = target
-    return _TARGETS[memo]
+        _TARGETS[memo] = (target, target.model.lm_head.weight.dtype)
+    return target
 
 
 def _cell_parts(cfg: DictConfig, target, metas: list[dict], spec: TreeSpec, options: dict) -> dict:
@@ -145,7 +146,7 @@ def _run(cfg: DictConfig, run_dir: Path, logger) -> dict:
         metas.append(head_meta)
     spec = TreeSpec(cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens)
     options = {k: v for k, v in _plain(cfg.routing).items() if k not in _ROUTING_KEYS}
-    # Combine in the training precision (averaging), then cast for serving.
+    # Train and combine (averaging) in the training precision, then cast for serving.
     proposer = build_proposer(cfg.routing.name, heads, spec, **options)
     cast_for_serving(cfg.eval.get("dtype"), target.model,
                      [d.head for d in getattr(proposer, "drafters", [proposer])])  # fmt: skip

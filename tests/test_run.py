@@ -151,3 +151,17 @@ def test_tiny_confidence_run_reports_routing(tmp_path):
         assert r["lossless"]["identical_fraction"] == 1.0
         assert r["draft_forwards_per_cycle"] == 2 * (1 + cfg.tree.depth)
     assert out["paths"]["routing"].stat().st_size > 1000
+
+
+def test_sweep_jobs_share_the_target_but_not_its_serving_cast(tmp_path):
+    import torch
+
+    from taps.run import load_target
+
+    cfg = cfg_with([*TINY, "logger=none"], tmp_path)
+    first = load_target(cfg)
+    assert load_target(cfg) is first  # the next job of a multirun reuses the loaded model
+    loaded = first.model.lm_head.weight.dtype
+    first.model.to(torch.bfloat16)  # what eval.dtype=bfloat16 does to serve
+    again = load_target(cfg)
+    assert again is not first and again.model.lm_head.weight.dtype == loaded
