@@ -161,7 +161,9 @@ def write_report(out: str | Path, history: list[dict]) -> Path:
     lines += _scale(study_config(out)) + _timing(history)
     lines += ["## Findings", "",
               "Each check runs per drafter kind and temperature; `here` counts where it holds. "
-              "The last column applies the same check to the paper's own table.", "",
+              "The checks compare point estimates: where the bootstrap intervals in the tables "
+              "below overlap, a verdict either way is not resolved at this sample size. The "
+              "last column applies the same check to the paper's own table.", "",
               "| # | the paper's claim | here | evidence (ours) | the paper's numbers |",
               "|---|---|---|---|---|"]  # fmt: skip
     theirs = findings(paper_studies())

@@ -88,6 +88,7 @@ def depth_curves(studies: Rows, path: Path) -> tuple[str | None, str | None]:
     if not rows:
         return None, None
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharey=True)
+    top = max(x for r in rows for x in r["acceptance_by_depth"])
     for ax, (kind, temp) in zip(axes, KIND_T, strict=True):
         for data in dict.fromkeys(r["data"] for r in rows):
             sub = [r["acceptance_by_depth"] for r in rows
@@ -97,7 +98,7 @@ def depth_curves(studies: Rows, path: Path) -> tuple[str | None, str | None]:
                 ax.plot(range(1, len(curve) + 1), curve, marker="o", label=data)
         ax.set_title(f"{kind}, T={temp:g}")
         ax.set_xlabel("draft depth d")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, min(1.0, 1.15 * top + 0.02))
         ax.legend(fontsize=7)
     axes[0].set_ylabel("cycles accepting >= d tokens")
     save_figure(fig, path)
