@@ -196,3 +196,11 @@ def test_report_tables_agree_with_the_results():
             assert float(cells[5].split()[0]) == pytest.approx(sum(taus) / 4, abs=0.005)
             checked += 1
     assert checked == 4 * len(VARIANTS)  # every variant, both kinds, both temperatures
+
+
+@pytest.mark.parametrize("launcher,target", [("parallel", "joblib"), ("slurm", "submitit")])
+def test_launcher_configs_compose(launcher, target):
+    cfg = _compose([f"hydra/launcher={launcher}", "experiment=depth"], hydra=True)
+    assert target in cfg.hydra.launcher._target_.lower()
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min > 0
