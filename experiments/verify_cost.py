@@ -12,13 +12,12 @@ the body forward, eager logits (all rows, one call), lazy logits (one call per l
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from taps.engine.tree import DraftTree, verification_inputs
 from taps.engine.verify import NodeLogits, accept_greedy
+from taps.eval.speed import median_seconds
 from taps.models.linear import fast_linear
 from taps.models.target import load_smollm2
 from taps.paths import default_cache_dir
@@ -33,13 +32,7 @@ def random_tree(n: int, width: int, gen: torch.Generator) -> DraftTree:
 
 
 def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, reps, warmup=1)
 
 
 @torch.no_grad()

@@ -163,7 +163,10 @@ def summarise(records: list[dict], temperature: float) -> dict:
     return {"temperature": temperature, "prompts": len(records), "methods": out}
 
 
-def _median_s(fn: Callable[[], object], reps: int) -> float:
+def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 0) -> float:
+    """Median wall time of `reps` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -197,8 +200,8 @@ def unit_costs(decoder: SpeculativeDecoder, prompt: list[int], reps: int = 5) ->
         cache.truncate(prefix)
 
     return {
-        "step_s": _median_s(step, reps),
-        "draft_s": _median_s(proposer.propose, reps),
-        "verify_s": _median_s(verify, reps),
+        "step_s": median_seconds(step, reps),
+        "draft_s": median_seconds(proposer.propose, reps),
+        "verify_s": median_seconds(verify, reps),
         "tree_tokens": len(tree),
     }
