@@ -27,7 +27,13 @@ import torch
 from taps.eval.paper import STUDIES, load_rows, write_report
 from taps.eval.paper_wandb import log_study
 from taps.models.precision import bf16_is_fast
-from taps.paths import REPO_ROOT, atomic_write_text, default_cache_dir, default_data_dir
+from taps.paths import (
+    REPO_ROOT,
+    atomic_write_text,
+    default_cache_dir,
+    default_data_dir,
+    hash_source_files,
+)
 
 
 def _count(path: Path, pattern: str) -> int:
@@ -38,10 +44,7 @@ def fingerprint(overrides: list[str], data_dir: str) -> str:
     """Everything a finished study's results depend on besides the cache: the code, the
     configs, the overrides and the data files (names, sizes, times)."""
     h = hashlib.sha256(json.dumps(overrides).encode())
-    for root in ("taps", "conf"):
-        for f in sorted((REPO_ROOT / root).rglob("*")):
-            if f.is_file() and f.suffix in (".py", ".yaml"):
-                h.update(f.relative_to(REPO_ROOT).as_posix().encode() + f.read_bytes())
+    hash_source_files(h, ["taps", "conf"], (".py", ".yaml"))
     for f in sorted(Path(data_dir).rglob("*")) if data_dir else []:
         if f.is_file():
             st = f.stat()

@@ -36,6 +36,18 @@ def content_key(*parts: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def hash_source_files(h: hashlib._Hash, entries: list[str], suffixes: tuple[str, ...]) -> None:
+    """Feed `h` the repo-relative path and bytes of every file with one of `suffixes` under
+    each entry (a file or a folder of the checkout), in a stable order."""
+    for entry in entries:
+        path = REPO_ROOT / entry
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file() and f.suffix in suffixes:
+                h.update(f.relative_to(REPO_ROOT).as_posix().encode())
+                h.update(f.read_bytes())
+
+
 def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from taps.paths import REPO_ROOT, atomic_write_text, content_key
+from taps.paths import atomic_write_text, content_key, hash_source_files
 
 CELL_VERSION = "cell-v1"
 # Source files whose behaviour a cached row depends on.
@@ -26,11 +26,7 @@ _CODE = ("taps/engine", "taps/combine", "taps/models", "taps/eval/evaluate.py",
 @functools.cache
 def code_digest() -> str:
     h = hashlib.sha256()
-    for entry in _CODE:
-        path = REPO_ROOT / entry
-        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            h.update(str(f.relative_to(REPO_ROOT)).encode())
-            h.update(f.read_bytes())
+    hash_source_files(h, list(_CODE), (".py",))
     return h.hexdigest()[:16]
 
 
