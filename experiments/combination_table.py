@@ -2,9 +2,12 @@
 benchmark x temperature, verification and drafting cost per cycle, routing shares, and the
 paper's findings 3-6 checked against the numbers.
 
-    python experiments/combination_table.py outputs/multiruns/<stamp> [more dirs ...] [--out F]
+    python experiments/combination_table.py outputs/multiruns/<stamp> [more dirs ...] \
+        [--out F.md] [--figures DIR]
 
-Reads every results.json below the directories (single runs or multirun jobs).
+Reads every results.json below the directories (single runs or multirun jobs). --figures writes
+combination_tau.png (tau per variant and benchmark with its interval, one panel per
+temperature) and combination_routing.png (routing shares of the routed variants).
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from taps.eval.paper import mean_with_ci
+from taps.eval.figures import plt, save_figure  # Agg backend: runs headless
+from taps.eval.paper import mean_difference_ci, mean_with_ci
+from taps.eval.routing import routing_plot
+from taps.paths import atomic_write_text
 
 MATH_BENCHES = ("gsm8k", "math500", "svamp")
 
@@ -92,34 +98,56 @@ def _kind(variant: str) -> str:
     return variant.split("/")[-1] if variant.count("/") >= 2 else "single:" + variant.split("/")[1]
 
 
+def _diff(a: list[dict], b: list[dict]) -> str:
+    d, ci = mean_difference_ci(a, b)
+    if ci is None:
+        return f"{d:+.2f}"
+    tag = "resolved" if ci[0] > 0 or ci[1] < 0 else "not resolved"
+    return f"{d:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}], {tag}"
+
+
+def _claim(name: str, holds: bool, diffs: list[str]) -> str:
+    return f"  - {name}: {'holds' if holds else 'does not hold'} ({'; '.join(diffs)})"
+
+
 def findings(rows: list[dict], means: dict) -> str:
-    """Findings 3-6 of ../shared/docs/PAPER.md, each stated with the numbers it rests on."""
-    out = ["### paper findings 3-6 at this scale", ""]
+    """Findings 3-6 of ../shared/docs/PAPER.md, each stated with the numbers it rests on.
+    Differences between variants carry paired 95% bootstrap intervals over the shared
+    prompts; "resolved" means the interval excludes zero."""
+    out = ["### paper findings 3-6 at this scale", "",
+           "Differences are mean tau over benchmarks, with paired 95% bootstrap intervals over "
+           "prompts.", ""]  # fmt: skip
     for temp, m in means.items():
         by = {_kind(v): x for v, x in m.items()}
-        singles = {k: x for k, x in by.items() if k.startswith("single:")}
-        avg = {k: x for k, x in by.items() if k.startswith("average")}
-        combos = {k: x for k, x in by.items() if not k.startswith("single:")}
+        of = {_kind(v): [r for r in rows if r["variant"] == v and r["temperature"] == temp]
+              for v in m}  # fmt: skip
+        singles = [k for k in by if k.startswith("single:")]
+        avg = [k for k in by if k.startswith("average")]
+        combos = [k for k in by if not k.startswith("single:")]
         fmt = ", ".join(f"{k} {x:.2f}" for k, x in sorted(by.items(), key=lambda kv: -kv[1]))
         out.append(f"- T={temp:g}, mean tau: {fmt}")
         if avg:
-            worst = min(by, key=by.get)
-            holds = worst in avg
-            out.append(f"  - 3 (averaging is the worst variant): {'holds' if holds else 'does not hold'}"
-                       f" (worst: {worst} {by[worst]:.2f})")  # fmt: skip
+            a = avg[0]
+            others = [k for k in by if k != a]
+            out.append(_claim("3 (averaging is the worst variant)",
+                              all(by[a] < by[k] for k in others),
+                              [f"{a} - {k}: {_diff(of[a], of[k])}" for k in others]))  # fmt: skip
         if "confidence" in by and singles:
-            holds = all(by["confidence"] > x for x in singles.values())
-            out.append(f"  - 4 (confidence beats each single drafter on average): "
-                       f"{'holds' if holds else 'does not hold'} (confidence {by['confidence']:.2f}"
-                       f" vs {', '.join(f'{k} {x:.2f}' for k, x in singles.items())})")  # fmt: skip
-        merged = {k: x for k, x in combos.items() if k.startswith("merged_tree")}
-        if merged and len(combos) > len(merged):
-            best = max(combos, key=combos.get)
-            full = merged.get("merged_tree(full)")
-            holds = full is not None and best == "merged_tree(full)"
-            out.append(f"  - 5 (merged trees give the highest tau of the combinations): "
-                       f"{'holds' if holds else 'does not hold'} (best combination: {best} "
-                       f"{combos[best]:.2f})")  # fmt: skip
+            out.append(_claim("4 (confidence beats each single drafter on average)",
+                              all(by["confidence"] > by[k] for k in singles),
+                              [f"confidence - {k}: {_diff(of['confidence'], of[k])}"
+                               for k in singles]))  # fmt: skip
+        full = "merged_tree(full)"
+        if full in by and len(combos) > 1:
+            rest = [k for k in combos if k != full]
+            out.append(_claim("5 (merged trees give the highest tau of the combinations)",
+                              all(by[full] > by[k] for k in rest),
+                              [f"{full} - {k}: {_diff(of[full], of[k])}" for k in rest]))  # fmt: skip
+        matched = "merged_tree(matched)"
+        if matched in by and "confidence" in by:
+            # Same cost per cycle: both draft with every head and verify one tree's budget.
+            out.append(f"  - at equal cost (one tree's verified tokens, every head drafting): "
+                       f"{matched} - confidence: {_diff(of[matched], of['confidence'])}")  # fmt: skip
     sub = [r for r in rows if r.get("accepted_entropy") is not None and r.get("rejected_entropy")]
     if sub:
         higher = sum(r["rejected_entropy"] > r["accepted_entropy"] for r in sub)
@@ -142,10 +170,44 @@ def findings(rows: list[dict], means: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def tau_bars(rows: list[dict], path: Path) -> None:
+    """Grouped bars: tau per benchmark (and the mean), one bar per variant, 95% intervals."""
+    temps = sorted({r["temperature"] for r in rows})
+    benches = list(dict.fromkeys(r["bench"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(len(temps), 1, figsize=(11, 3.6 * len(temps)), squeeze=False)
+    width = 0.8 / len(variants)
+    colors = plt.get_cmap("tab10").colors
+    for ax, temp in zip(axes[:, 0], temps, strict=True):
+        for k, v in enumerate(variants):
+            mine = [r for r in rows if r["variant"] == v and r["temperature"] == temp]
+            got = {r["bench"]: (r["tau"], _ci(r)) for r in mine}
+            if len(got) == len(benches):
+                got["mean"] = mean_with_ci(mine)
+            xs, ys, err = [], [], [[], []]
+            for i, b in enumerate([*benches, "mean"]):
+                if b in got:
+                    tau, ci = got[b]
+                    xs.append(i - 0.4 + (k + 0.5) * width)
+                    ys.append(tau)
+                    err[0].append(tau - ci[0] if ci else 0)
+                    err[1].append(ci[1] - tau if ci else 0)
+            ax.bar(xs, ys, width, yerr=err, capsize=2, label=_kind(v), color=colors[k % 10])
+        ax.set_xticks(range(len(benches) + 1), [*benches, "mean"])
+        ax.set_ylabel("tau (tokens per target forward)")
+        ax.set_title(f"T={temp:g}")
+        ax.set_ylim(bottom=1)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--out", help="also write the Markdown here")
+    ap.add_argument("--figures", help="write combination_tau.png and combination_routing.png here")
     args = ap.parse_args()
     rows = load_rows(args.dirs)
     if not rows:
@@ -154,7 +216,13 @@ def main() -> None:
     text = "\n".join([table, shares_table(rows), findings(rows, means)])
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
+    if args.figures:
+        out = Path(args.figures)
+        out.mkdir(parents=True, exist_ok=True)
+        tau_bars(rows, out / "combination_tau.png")
+        routing_plot(rows, out / "combination_routing.png")
+        print(f"figures: {out / 'combination_tau.png'}, {out / 'combination_routing.png'}")
 
 
 if __name__ == "__main__":

@@ -204,3 +204,31 @@ def test_launcher_configs_compose(launcher, target):
     assert target in cfg.hydra.launcher._target_.lower()
     if launcher == "slurm":
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min > 0
+
+
+def _rows(per_bench: dict[str, dict[str, list[int]]]) -> list[dict]:
+    out = []
+    for bench, pq in per_bench.items():
+        tok, fwd = (sum(v[i] for v in pq.values()) for i in (0, 1))
+        out.append({"bench": bench, "tau": tok / fwd, "per_question": pq})
+    return out
+
+
+def test_paired_difference_interval():
+    """The paired interval is zero-width for identical variants, excludes zero when one variant
+    is better on every question, and is withheld when the questions differ."""
+    from taps.eval.paper import mean_difference_ci
+
+    base = {"gsm8k": {str(q): [100, 50 + 5 * q] for q in range(8)},
+            "mt_bench": {str(q): [200, 150 - 7 * q] for q in range(8)}}  # fmt: skip
+    better = {b: {q: [t, f - 5] for q, (t, f) in pq.items()} for b, pq in base.items()}
+    d, ci = mean_difference_ci(_rows(base), _rows(base))
+    assert d == 0 and ci == (0.0, 0.0)
+    d, ci = mean_difference_ci(_rows(better), _rows(base))
+    assert d > 0 and ci is not None and 0 < ci[0] <= d <= ci[1]
+    # Pairing cancels the large spread between questions, so the interval stays narrow.
+    assert ci[1] - ci[0] < 0.5 * d
+    other = {b: {f"x{q}": v for q, v in pq.items()} for b, pq in base.items()}
+    assert mean_difference_ci(_rows(other), _rows(base))[1] is None
+    with pytest.raises(ValueError, match="share no benchmark"):
+        mean_difference_ci(_rows({"svamp": base["gsm8k"]}), _rows(base))

@@ -93,6 +93,28 @@ def mean_with_ci(rows: list[dict]) -> tuple[float, tuple[float, float] | None]:
     return mean, percentile_interval(reps)
 
 
+def mean_difference_ci(a: list[dict], b: list[dict]) -> tuple[float, tuple[float, float] | None]:
+    """Mean tau of `a` minus that of `b` over their shared benchmarks, with a paired bootstrap
+    interval: both decoded the same questions, so each replicate resamples the same questions
+    for both, and the questions' own difficulty cancels out of the comparison."""
+    ra, rb = {r["bench"]: r for r in a}, {r["bench"]: r for r in b}
+    benches = sorted(ra.keys() & rb.keys())
+    if not benches:
+        raise ValueError("mean_difference_ci: the two variants share no benchmark")
+    diff = sum(ra[x]["tau"] - rb[x]["tau"] for x in benches) / len(benches)
+    reps = []
+    for i, x in enumerate(benches):
+        qa, qb = ra[x].get("per_question") or {}, rb[x].get("per_question") or {}
+        if qa.keys() != qb.keys() or len(qa) < 2:
+            return diff, None  # not the same questions: no paired interval
+        qs = sorted(qa)
+        reps.append(
+            bootstrap_taus([qa[q] for q in qs], seed=i)
+            - bootstrap_taus([qb[q] for q in qs], seed=i)
+        )
+    return diff, percentile_interval(torch.stack(reps).mean(0))
+
+
 def pick(rows: list[dict], kind: str, temp: float, **where: str) -> dict[str, dict]:
     """bench -> row for one drafter kind, temperature and variant filter."""
     return {
