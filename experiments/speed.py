@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -36,10 +37,13 @@ from taps.eval import speed  # noqa: E402
 from taps.eval.figures import save_figure  # noqa: E402
 from taps.models.draft_head import with_full_vocab  # noqa: E402
 from taps.models.precision import cast_for_serving  # noqa: E402
-from taps.models.target import convert_gguf, smollm2_gguf_path  # noqa: E402
+from taps.models.target import Target, convert_gguf, smollm2_gguf_path  # noqa: E402
 from taps.paths import atomic_write_text  # noqa: E402
 from taps.run import drafter_data  # noqa: E402
 from taps.training.train import ensure_drafter  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Speculative methods: config name -> (strategy, options, drafters: single or every component).
 STRATEGIES = {
@@ -52,14 +56,14 @@ STRATEGIES = {
 HF = ("hf_generate", "hf_prompt_lookup")
 
 
-def hf_model(cfg: DictConfig, dtype: torch.dtype, device: torch.device):
+def hf_model(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     path = convert_gguf(smollm2_gguf_path(), cfg.paths.cache_dir)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
-def load_heads(cfg: DictConfig, target, wanted: list[str]) -> dict:
+def load_heads(cfg: DictConfig, target: Target, wanted: list[str]) -> dict:
     """The drafters the requested strategies need: the `speed.single` component alone, or
     every component of the data mixture (trained if missing, cached by content)."""
     everyone = any(STRATEGIES[m][2] == "all" for m in wanted)
@@ -76,7 +80,7 @@ def load_heads(cfg: DictConfig, target, wanted: list[str]) -> dict:
     return heads
 
 
-def build_methods(cfg: DictConfig, target) -> tuple[dict, dict]:
+def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
     """Our methods named in speed.methods (vanilla, speculative strategies) and the decoders."""
     names = list(cfg.speed.methods)
     unknown = [m for m in names if m not in (*HF, "ours_vanilla", *STRATEGIES)]

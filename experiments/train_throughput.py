@@ -22,17 +22,24 @@ from taps.data.mixture import build_mixture, select_budget
 from taps.memory import PeakMemory
 from taps.models.draft_head import DraftHead
 from taps.models.precision import resolve_dtype, resolve_precision
-from taps.models.target import load_smollm2
+from taps.models.target import Target, load_smollm2
 from taps.paths import default_cache_dir, default_data_dir
 from taps.training.datamodule import FeatureDataModule
-from taps.training.features import cached_features
+from taps.training.features import FeatureSet, cached_features
 from taps.training.hass import HassConfig
 from taps.training.losses import LossWeights
 from taps.training.module import DraftModule
 from taps.training.vocab import frequent_tokens
 
 
-def measure(target, fs, hass, d2t, steps: int, bf16: bool) -> tuple[float, float]:
+def measure(
+    target: Target,
+    fs: FeatureSet,
+    hass: HassConfig | None,
+    d2t: torch.Tensor | None,
+    steps: int,
+    bf16: bool,
+) -> tuple[float, float]:
     torch.manual_seed(0)
     head = DraftHead.for_target(target.model, d2t=d2t).train()
     module = DraftModule(head, lr=1e-3, weights=LossWeights(), hass=hass)

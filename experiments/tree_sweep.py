@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from taps.engine.decoder import SpeculativeDecoder  # noqa: E402
 from taps.engine.drafting import HeadDrafter, TreeSpec  # noqa: E402
@@ -33,7 +34,7 @@ from taps.run import drafter_data  # noqa: E402
 from taps.training.train import ensure_drafter  # noqa: E402
 
 
-def specs(sweep) -> list[TreeSpec]:
+def specs(sweep: DictConfig) -> list[TreeSpec]:
     """The grid, plus chains (top_k 1) of each depth; trees too small to use their depth and
     totals a top-k tree cannot fill are skipped."""
     out = [TreeSpec(1, d, d + 2) for d in sweep.depth]

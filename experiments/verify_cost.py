@@ -12,6 +12,7 @@ the body forward, eager logits (all rows, one call), lazy logits (one call per l
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -19,6 +20,7 @@ from taps.engine.tree import DraftTree, verification_inputs
 from taps.engine.verify import NodeLogits, accept_greedy
 from taps.eval.speed import median_seconds
 from taps.models.linear import fast_linear
+from taps.models.llama import KVCache, Llama
 from taps.models.target import load_smollm2
 from taps.paths import default_cache_dir
 
@@ -31,7 +33,7 @@ def random_tree(n: int, width: int, gen: torch.Generator) -> DraftTree:
     return DraftTree(torch.randint(0, 1000, (n,), generator=gen), parents, z, z, z)
 
 
-def median_ms(fn, reps: int) -> float:
+def median_ms(fn: Callable[[], object], reps: int) -> float:
     return 1e3 * median_seconds(fn, reps, warmup=1)
 
 
@@ -62,7 +64,9 @@ def main() -> None:
                       f"{(f + eager) / step:.2f} |", flush=True)  # fmt: skip
 
 
-def costs(model, cache, tree: DraftTree, walk: int, reps: int) -> tuple[float, float, float]:
+def costs(
+    model: Llama, cache: KVCache, tree: DraftTree, walk: int, reps: int
+) -> tuple[float, float, float]:
     """ms of the body forward over the tree, of eager logits + acceptance, of a lazy walk."""
     prefix = cache.length
     tokens, pos, mask = verification_inputs(tree, prefix, torch.device("cpu"))

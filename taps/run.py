@@ -21,9 +21,11 @@ from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
 from taps.eval.cells import cell_key, load_cell, store_cell
 from taps.eval.evaluate import run_bench, summarise
+from taps.eval.logging import NullRunLogger
 from taps.eval.report import COLUMNS, NODE_COLUMNS, flat, result_paths, write_results
 from taps.eval.routing import ROUTING_COLUMNS, routing_table
 from taps.models.precision import cast_for_serving
+from taps.models.target import Target
 from taps.paths import content_key
 from taps.training.train import ensure_drafter
 
@@ -75,7 +77,7 @@ def drafter_data(cfg: DictConfig) -> list[DictConfig]:
 _TARGETS: dict[str, tuple] = {}  # config key -> (target, dtype as loaded), for a whole sweep
 
 
-def load_target(cfg: DictConfig):
+def load_target(cfg: DictConfig) -> Target:
     """The target of cfg.target as loaded. A multirun's jobs share one process (basic
     launcher), so they share the loaded model too; a job that cast it to another eval.dtype
     for serving makes the next job load it afresh (casting back would not restore it)."""
@@ -231,7 +233,7 @@ def _unchanged(run_dir: Path, rows: list[dict]) -> bool:
     ) and all(p.is_file() for k, p in result_paths(run_dir).items() if k != "routing")
 
 
-def log_results(logger, rows: list[dict], paths: dict[str, Path]) -> None:
+def log_results(logger: NullRunLogger, rows: list[dict], paths: dict[str, Path]) -> None:
     logger.log_table("tau_grid", COLUMNS, [list(flat(r).values()) for r in rows])
     logger.log_image("tau_heatmap", paths["heatmap"])
     logger.log_image("acceptance_by_depth", paths["depth"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -74,3 +75,15 @@ def test_speed_presets_compose():
     assert out.is_dir() and out.parent.name == "speed"
     cfg, _ = speed.compose_experiment("tree_sweep", ["paths.output_dir=/tmp/taps-test-speed"])
     assert cfg.data.name == "mathinstruct" and list(cfg.sweep.total_tokens)
+
+
+def test_experiment_scripts_answer_help():
+    """The override-driven scripts print their docstring for --help instead of a Hydra
+    grammar error."""
+    for script, first in (("speed.py", "Wall-clock speed"), ("tree_sweep.py", "Which draft tree")):
+        out = subprocess.run(
+            [sys.executable, str(Path(__file__).parents[1] / "experiments" / script), "--help"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.startswith(first)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -26,6 +27,9 @@ from taps.engine.verify import accept_greedy
 from taps.memory import PeakMemory
 from taps.models.linear import fast_linear
 from taps.models.llama import Llama
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -43,7 +47,14 @@ VANILLA = "ours_vanilla"  # (c): the same model and cache as our speculative dec
 
 
 def compose_experiment(preset: str, overrides: list[str]) -> tuple[DictConfig, Path]:
-    """The config of `experiment=<preset>` plus overrides, and a fresh outputs/<preset>/<stamp>/."""
+    """The config of `experiment=<preset>` plus overrides, and a fresh outputs/<preset>/<stamp>/.
+    -h/--help prints the calling script's docstring instead (the scripts take Hydra overrides,
+    which Hydra's parser would reject with a grammar error)."""
+    if {"-h", "--help"} & set(overrides):
+        import __main__
+
+        print((__main__.__doc__ or f"usage: key=value overrides of {preset}").strip())
+        raise SystemExit(0)
     register_resolvers()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("config", [f"experiment={preset}", *overrides])
@@ -52,7 +63,9 @@ def compose_experiment(preset: str, overrides: list[str]) -> tuple[DictConfig, P
     return cfg, out_dir
 
 
-def first_turns(cfg: DictConfig, tokenizer) -> tuple[list, list[list[int]]]:
+def first_turns(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list, list[list[int]]]:
     """The questions of the first benchmark in cfg.bench (up to bench.limit) and the chat
     prompt ids of their first turns."""
     questions = load_benchmark(cfg.bench.benchmarks[0], cfg.paths.data_dir, cfg.bench.limit)
@@ -60,7 +73,9 @@ def first_turns(cfg: DictConfig, tokenizer) -> tuple[list, list[list[int]]]:
     return questions, prompts
 
 
-def hf_methods(hf, eos_token_id: int, temperature: float, prompt_lookup: int = 10) -> dict:
+def hf_methods(
+    hf: PreTrainedModel, eos_token_id: int, temperature: float, prompt_lookup: int = 10
+) -> dict:
     """(a) transformers generate and (b) prompt lookup (greedy only in transformers)."""
     sample = {"do_sample": temperature > 0}
     if temperature > 0:

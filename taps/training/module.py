@@ -90,7 +90,7 @@ class DraftModule(L.LightningModule):
         if "torch_rng" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng"])
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict:
         params = [p for p in self.head.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
