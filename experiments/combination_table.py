@@ -122,6 +122,38 @@ def _claim(name: str, pairs: list[tuple[str, list[dict], list[dict]]]) -> str:
     return f"  - {name}: {verdict} ({'; '.join(f'{lb}: {t}' for lb, _, _, t in diffs)})"
 
 
+def _findings_3_to_5(rows: list[dict], temp: float, head: str, m: dict[str, float]) -> list[str]:
+    """Findings 3-5 for one drafter kind at one temperature; the single drafters compared are
+    the combinations' components (not, say, a drafter trained on the mixture)."""
+    by = {_kind(v): x for v, x in m.items()}
+    of = {_kind(v): [r for r in rows if r["variant"] == v and r["temperature"] == temp]
+          for v in m}  # fmt: skip
+    combos = [k for k in by if not k.startswith("single:")]
+    parts = {d for k in combos for r in of[k] for d in r.get("drafters") or []}
+    singles = [k for k in by if k.startswith("single:") and k[len("single:") :] in parts]
+    avg = [k for k in combos if k.startswith("average")]
+    shown = [k for k in by if not k.startswith("single:") or k in singles]
+    fmt = ", ".join(f"{k} {by[k]:.2f}" for k in sorted(shown, key=lambda k: -by[k]))
+    out = [f"- {head}, T={temp:g}, mean tau: {fmt}"]
+    if avg:
+        a = avg[0]
+        others = [k for k in shown if k != a]
+        out.append(_claim("3 (averaging is the worst variant)",
+                          [(f"{k} - {a}", of[k], of[a]) for k in others]))  # fmt: skip
+    if "confidence" in by and singles:
+        out.append(_claim("4 (confidence beats each single drafter on average)",
+                          [(f"confidence - {k}", of["confidence"], of[k]) for k in singles]))  # fmt: skip
+    full, matched = "merged_tree(full)", "merged_tree(matched)"
+    if full in by and len(combos) > 1:
+        out.append(_claim("5 (merged trees give the highest tau of the combinations)",
+                          [(f"{full} - {k}", of[full], of[k]) for k in combos if k != full]))  # fmt: skip
+    if matched in by and "confidence" in by:
+        # Same cost per cycle: both draft with every head and verify one tree's budget.
+        out.append(f"  - at equal cost (one tree's verified tokens, every head drafting): "
+                   f"{matched} - confidence: {_diff(of[matched], of['confidence'])[2]}")  # fmt: skip
+    return out
+
+
 def findings(rows: list[dict], means: dict) -> str:
     """Findings 3-6 of ../shared/docs/PAPER.md, each stated with the numbers it rests on.
     Differences between variants carry paired 95% bootstrap intervals over the shared
@@ -130,33 +162,9 @@ def findings(rows: list[dict], means: dict) -> str:
            "Differences are mean tau over benchmarks, with paired 95% bootstrap intervals over "
            "prompts.", ""]  # fmt: skip
     for temp, m in means.items():
-        by = {_kind(v): x for v, x in m.items()}
-        of = {_kind(v): [r for r in rows if r["variant"] == v and r["temperature"] == temp]
-              for v in m}  # fmt: skip
-        singles = [k for k in by if k.startswith("single:")]
-        avg = [k for k in by if k.startswith("average")]
-        combos = [k for k in by if not k.startswith("single:")]
-        fmt = ", ".join(f"{k} {x:.2f}" for k, x in sorted(by.items(), key=lambda kv: -kv[1]))
-        out.append(f"- T={temp:g}, mean tau: {fmt}")
-        if avg:
-            a = avg[0]
-            others = [k for k in by if k != a]
-            out.append(_claim("3 (averaging is the worst variant)",
-                              [(f"{k} - {a}", of[k], of[a]) for k in others]))  # fmt: skip
-        if "confidence" in by and singles:
-            out.append(_claim("4 (confidence beats each single drafter on average)",
-                              [(f"confidence - {k}", of["confidence"], of[k])
-                               for k in singles]))  # fmt: skip
-        full = "merged_tree(full)"
-        if full in by and len(combos) > 1:
-            rest = [k for k in combos if k != full]
-            out.append(_claim("5 (merged trees give the highest tau of the combinations)",
-                              [(f"{full} - {k}", of[full], of[k]) for k in rest]))  # fmt: skip
-        matched = "merged_tree(matched)"
-        if matched in by and "confidence" in by:
-            # Same cost per cycle: both draft with every head and verify one tree's budget.
-            out.append(f"  - at equal cost (one tree's verified tokens, every head drafting): "
-                       f"{matched} - confidence: {_diff(of[matched], of['confidence'])[2]}")  # fmt: skip
+        for head in dict.fromkeys(v.split("/")[0] for v in m):  # eagle2, hass: never mixed
+            out += _findings_3_to_5(rows, temp, head, {v: x for v, x in m.items()
+                                                      if v.split("/")[0] == head})  # fmt: skip
     sub = [r for r in rows if r.get("accepted_entropy") is not None and r.get("rejected_entropy")]
     if sub:
         higher = sum(r["rejected_entropy"] > r["accepted_entropy"] for r in sub)

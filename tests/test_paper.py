@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 
 from taps.config import CONF_DIR
 from taps.eval.cells import cell_key, load_cell, store_cell
-from taps.eval.paper import STUDIES
+from taps.eval.paper import BENCHES, STUDIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,9 @@ def _compose(overrides: list[str], hydra: bool = False):
         return compose("config", overrides=overrides, return_hydra_config=hydra)
 
 
-def _paper_script():
-    spec = importlib.util.spec_from_file_location("paper_script", ROOT / "experiments/paper.py")
+def _script(name: str = "paper"):
+    """experiments/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"experiments/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -116,7 +117,7 @@ def test_cell_keys_and_unreadable_cells(tmp_path):
 
 
 def test_paper_script_skips_only_what_is_up_to_date(tmp_path):
-    paper = _paper_script()
+    paper = _script()
     cache, out = tmp_path / "cache", tmp_path / "out"
     study = out / "runs" / "depth"
     (study / "0").mkdir(parents=True)
@@ -232,3 +233,25 @@ def test_paired_difference_interval():
     assert mean_difference_ci(_rows(other), _rows(base))[1] is None
     with pytest.raises(ValueError, match="share no benchmark"):
         mean_difference_ci(_rows({"svamp": base["gsm8k"]}), _rows(base))
+
+
+def test_combination_table_on_stored_results(tmp_path):
+    """experiments/combination_table.py on a real run's rows: findings per drafter kind and
+    temperature, single drafters limited to the combinations' components, differences equal to
+    the rows' own means, and both figures written."""
+    mod = _script("combination_table")
+    rows = mod.load_rows([str(FIXTURE / "runs" / s) for s in ("combination", "specialization")])
+    table, means = mod.grid(rows)
+    text = mod.findings(rows, means)
+    for head in ("eagle2", "hass"):
+        for temp in ("0", "1"):
+            assert f"- {head}, T={temp}, mean tau:" in text
+    assert "single:mix" not in text  # the mixture's own drafter is not a component
+    pick = {(r["variant"], r["bench"]): r["tau"] for r in rows if r["temperature"] == 0.0}
+    conf, share = "eagle2/mix/confidence", "eagle2/sharegpt"
+    want = sum(pick[conf, b] - pick[share, b] for b in BENCHES) / len(BENCHES)
+    line = next(x for x in text.splitlines() if x.startswith("- eagle2, T=0,"))
+    block = text[text.index(line) :].split("\n- ")[0]
+    assert f"confidence - single:sharegpt: {want:+.2f} [" in block
+    mod.tau_bars(rows, tmp_path / "tau.png")
+    assert (tmp_path / "tau.png").stat().st_size > 10_000
