@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 
 from taps.config import CONF_DIR
 from taps.eval.cells import cell_key, load_cell, store_cell
-from taps.eval.paper import BENCHES, STUDIES
+from taps.eval.paper import BENCHES, STUDIES, mean_difference_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,8 +218,6 @@ def _rows(per_bench: dict[str, dict[str, list[int]]]) -> list[dict]:
 def test_paired_difference_interval():
     """The paired interval is zero-width for identical variants, excludes zero when one variant
     is better on every question, and is withheld when the questions differ."""
-    from taps.eval.paper import mean_difference_ci
-
     base = {"gsm8k": {str(q): [100, 50 + 5 * q] for q in range(8)},
             "mt_bench": {str(q): [200, 150 - 7 * q] for q in range(8)}}  # fmt: skip
     better = {b: {q: [t, f - 5] for q, (t, f) in pq.items()} for b, pq in base.items()}

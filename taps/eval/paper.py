@@ -108,6 +108,7 @@ def mean_difference_ci(a: list[dict], b: list[dict]) -> tuple[float, tuple[float
         if qa.keys() != qb.keys() or len(qa) < 2:
             return diff, None  # not the same questions: no paired interval
         qs = sorted(qa)
+        # Same seed and question count -> bootstrap_taus draws the same indices for both.
         reps.append(
             bootstrap_taus([qa[q] for q in qs], seed=i)
             - bootstrap_taus([qb[q] for q in qs], seed=i)
