@@ -154,6 +154,31 @@ def _findings_3_to_5(rows: list[dict], temp: float, head: str, m: dict[str, floa
     return out
 
 
+def _finding_6(rows: list[dict]) -> list[str]:
+    """Finding 6 on the rows of one drafter kind at one temperature."""
+    out = []
+    sub = [r for r in rows if r.get("accepted_entropy") is not None and r.get("rejected_entropy")]
+    if sub:
+        higher = sum(r["rejected_entropy"] > r["accepted_entropy"] for r in sub)
+        acc = sum(r["accepted_entropy"] for r in sub) / len(sub)
+        rej = sum(r["rejected_entropy"] for r in sub) / len(sub)
+        out.append(f"  - 6b (rejected draft tokens have higher entropy than accepted ones): "
+                   f"{higher}/{len(sub)} rows (mean entropy accepted {acc:.2f}, rejected {rej:.2f})")  # fmt: skip
+    clear = {}
+    for r in rows:
+        sh = (r.get("routing_shares") or {}).get("questions")
+        kind = _kind(r["variant"])
+        if sh and kind in ("confidence", "entropy"):
+            want = "mathinstruct" if r["bench"] in MATH_BENCHES else "sharegpt"
+            clear.setdefault(kind, []).append(sh.get(want, 0.0))
+    if clear:
+        parts = {k: sum(v) / len(v) for k, v in clear.items()}
+        out.append("  - 6a (confidence is a clearer routing signal than entropy): share of "
+                   "questions routed to the in-domain drafter (math benchmarks -> mathinstruct, "
+                   "MT-Bench -> sharegpt): " + ", ".join(f"{k} {x:.2f}" for k, x in parts.items()))  # fmt: skip
+    return out
+
+
 def findings(rows: list[dict], means: dict) -> str:
     """Findings 3-6 of ../shared/docs/PAPER.md, each stated with the numbers it rests on.
     Differences between variants carry paired 95% bootstrap intervals over the shared
@@ -165,25 +190,10 @@ def findings(rows: list[dict], means: dict) -> str:
         for head in dict.fromkeys(v.split("/")[0] for v in m):  # eagle2, hass: never mixed
             out += _findings_3_to_5(rows, temp, head, {v: x for v, x in m.items()
                                                       if v.split("/")[0] == head})  # fmt: skip
-    sub = [r for r in rows if r.get("accepted_entropy") is not None and r.get("rejected_entropy")]
-    if sub:
-        higher = sum(r["rejected_entropy"] > r["accepted_entropy"] for r in sub)
-        acc = sum(r["accepted_entropy"] for r in sub) / len(sub)
-        rej = sum(r["rejected_entropy"] for r in sub) / len(sub)
-        out.append(f"- 6b (rejected draft tokens have higher entropy than accepted ones): "
-                   f"{higher}/{len(sub)} rows (mean entropy accepted {acc:.2f}, rejected {rej:.2f})")  # fmt: skip
-    clear = {}
-    for r in rows:
-        sh = (r.get("routing_shares") or {}).get("questions")
-        kind = _kind(r["variant"])
-        if sh and kind in ("confidence", "entropy"):
-            want = "mathinstruct" if r["bench"] in MATH_BENCHES else "sharegpt"
-            clear.setdefault(kind, []).append(sh.get(want, 0.0))
-    if clear:
-        parts = {k: sum(v) / len(v) for k, v in clear.items()}
-        out.append("- 6a (confidence is a clearer routing signal than entropy): share of questions "
-                   "routed to the in-domain drafter (math benchmarks -> mathinstruct, MT-Bench -> "
-                   "sharegpt): " + ", ".join(f"{k} {x:.2f}" for k, x in parts.items()))  # fmt: skip
+            mine = [
+                r for r in rows if r["temperature"] == temp and r["variant"].split("/")[0] == head
+            ]
+            out += _finding_6(mine)
     return "\n".join(out) + "\n"
 
 

@@ -243,7 +243,10 @@ def test_combination_table_on_stored_results(tmp_path):
     text = mod.findings(rows, means)
     for head in ("eagle2", "hass"):
         for temp in ("0", "1"):
-            assert f"- {head}, T={temp}, mean tau:" in text
+            start = text.index(f"- {head}, T={temp}, mean tau:")
+            block = text[start:].split("\n- ")[0]
+            # Finding 6 per drafter kind and temperature, never pooled across them.
+            assert "6a (confidence" in block and "6b (rejected" in block
     assert "single:mix" not in text  # the mixture's own drafter is not a component
     pick = {(r["variant"], r["bench"]): r["tau"] for r in rows if r["temperature"] == 0.0}
     conf, share = "eagle2/mix/confidence", "eagle2/sharegpt"
