@@ -65,7 +65,9 @@ class DraftTree:
         return sum(per_parent.values()) / max(len(per_parent), 1)
 
 
-def chain_tree(root: int, tokens: list[int], logprobs: list[float], entropies: list[float]):
+def chain_tree(
+    root: int, tokens: list[int], logprobs: list[float], entropies: list[float]
+) -> DraftTree:
     """A chain as a tree (used by tests and by drafters with top_k = 1)."""
     n = len(tokens)
     lp = torch.tensor([0.0, *logprobs], dtype=torch.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -13,6 +14,9 @@ from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, check_context, vanilla_generate
 from taps.engine.stats import Generation
 from taps.eval.metrics import acceptance_by_depth, bootstrap_tau, node_stats, routing_shares, tau
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -51,7 +55,7 @@ def _compare(spec: list[int], ref: Generation, near_tie: float) -> dict:
 
 def run_bench(
     decoder: SpeculativeDecoder,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     bench: str,
     prompts: list[BenchPrompt],
     max_new_tokens: int,

@@ -9,11 +9,16 @@ plain sight. Parameter names match `LlamaForCausalLM`, so its state dict loads u
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taps.models.linear import Linear
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 class KVCache:
@@ -80,7 +85,7 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_inv_freq(config) -> tuple[Tensor, float]:
+def rope_inv_freq(config: PreTrainedConfig) -> tuple[Tensor, float]:
     """Inverse frequencies and attention scaling for the config's rope type."""
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
