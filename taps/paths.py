@@ -56,6 +56,13 @@ def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def umasked(mode: int) -> int:
+    """`mode` less the process umask: what open() or mkdir() would have given."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place only on success,
@@ -64,6 +71,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        tmp.chmod(umasked(0o777))  # mkdtemp's 0700 would make the cache entry private
         yield tmp
         if final.exists():  # a concurrent builder won; keep theirs
             shutil.rmtree(tmp)
@@ -80,6 +88,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); results and caches are meant to be shared
+        # like any other file the user writes.
+        os.fchmod(fd, umasked(0o666))
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

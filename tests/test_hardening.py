@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.eval.evaluate import run_bench
 from taps.models.draft_head import DraftHead, load_head, save_head
 from taps.models.llama import Llama
-from taps.paths import atomic_write_text, default_data_dir
+from taps.paths import atomic_dir, atomic_write_text, default_data_dir
 from taps.training.features import cached_features, compute_features
 from tests.helpers import TopKOracle
 from tests.test_training import train_tiny
@@ -261,6 +262,25 @@ def test_failed_results_write_leaves_no_half_written_file(tmp_path, monkeypatch)
     # each file is whole: the new results.json parses, and no csv / temp file appeared
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["tau"] == 2.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_respect_the_umask(tmp_path, umask):
+    """The temporary names (mkstemp 0600, mkdtemp 0700) must not make results and cache
+    entries private: they get the mode a plain open() or mkdir() would give."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "results.json", "{}")
+        with atomic_dir(tmp_path / "entry") as d:
+            (d / "x").write_text("x")
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        (plain / "f").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "results.json") == mode(plain / "f") == 0o666 & ~umask
+    assert mode(tmp_path / "entry") == mode(plain) == 0o777 & ~umask
 
 
 # ---------------------------------------------------------------- 9. determinism

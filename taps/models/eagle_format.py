@@ -30,6 +30,7 @@ from torch import Tensor
 
 from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head
 from taps.models.llama import Llama
+from taps.paths import umasked
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def export_eagle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        tmp.chmod(umasked(0o777))  # mkdtemp's 0700 would hide the export from other users
         if fmt == "safetensors":
             save_file(state, str(tmp / WEIGHT_FILES[fmt]), metadata={"format": "pt"})
         else:
