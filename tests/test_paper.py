@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -256,3 +257,23 @@ def test_combination_table_on_stored_results(tmp_path):
     assert f"confidence - single:sharegpt: {want:+.2f} [" in block
     mod.tau_bars(rows, tmp_path / "tau.png")
     assert (tmp_path / "tau.png").stat().st_size > 10_000
+
+
+GRID = ROOT / "experiments" / "results" / "combination_grid_cpu"
+
+
+def test_stored_combination_grid_regenerates_its_table_and_the_readme_quotes_it():
+    """Issue 5's measured grid: its rows give exactly the stored table.md, and every
+    tau-with-interval cell in experiments/README's acceptance-grid section appears in it."""
+    mod = _script("combination_table")
+    rows = mod.load_rows([str(GRID)])
+    assert len(rows) == 7 * 2 * 4  # variants x temperatures x benchmarks
+    table, means = mod.grid(rows)
+    text = "\n".join([table, mod.shares_table(rows), mod.findings(rows, means)])
+    assert text == (GRID / "table.md").read_text()
+    doc = (ROOT / "experiments" / "README.md").read_text()
+    section = doc.split("### The acceptance grid")[1].split("\n## ")[0]
+    cells = re.findall(r"\| (?:\*\*)?(\d\.\d\d)(?:\*\*)? (\[\d\.\d\d, \d\.\d\d\])", section)
+    assert len(cells) == 2 * 7 * 5  # both temperatures, 4 benchmarks + mean
+    for tau, ci in cells:
+        assert f"{tau} {ci}" in text, f"experiments/README quotes {tau} {ci}, not in table.md"
