@@ -277,3 +277,15 @@ def test_stored_combination_grid_regenerates_its_table_and_the_readme_quotes_it(
     assert len(cells) == 2 * 7 * 5  # both temperatures, 4 benchmarks + mean
     for tau, ci in cells:
         assert f"{tau} {ci}" in text, f"experiments/README quotes {tau} {ci}, not in table.md"
+
+
+def test_routing_plot_of_a_whole_grid_stays_readable(tmp_path):
+    """16 routed rows (2 routers x 4 benchmarks x 2 temperatures): one bar each per panel,
+    panels stacked so the figure stays a page wide (side by side it was 30 inches)."""
+    mod = _script("combination_table")
+    rows = mod.load_rows([str(GRID)])
+    assert mod.routing_plot(rows, tmp_path / "routing.png")
+    png = (tmp_path / "routing.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert 800 < width < 2000 and height > 600, (width, height)
+    assert not mod.routing_plot([r for r in rows if r["routing"] == "single"], tmp_path / "x.png")

@@ -32,7 +32,9 @@ def routing_plot(rows: list[dict], path: str | Path) -> bool:
         return False
     drafters = list(dict.fromkeys(d for r in routed for d in r["routing_shares"]["cycles"]))
     labels = [f"{r['variant'].split('/')[-1]} {r['bench']} T={r['temperature']:g}" for r in routed]
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.9 * len(routed) * 2, 4.2), sharey=True)
+    # One panel above the other, legend outside: side by side, a grid's 16 bars made the
+    # figure 30 inches wide and the legend covered the last bars.
+    fig, axes = plt.subplots(2, 1, figsize=(2 + 0.6 * len(routed), 8), sharex=True)
     colors = plt.get_cmap("tab10").colors
     for ax, unit in zip(axes, ("cycles", "questions"), strict=True):
         bottom = [0.0] * len(routed)
@@ -40,10 +42,10 @@ def routing_plot(rows: list[dict], path: str | Path) -> bool:
             vals = [r["routing_shares"][unit].get(d, 0.0) for r in routed]
             ax.bar(range(len(routed)), vals, bottom=bottom, label=d, color=colors[k % 10])
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        ax.set_xticks(range(len(routed)), labels, rotation=40, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
+        ax.set_ylabel("share")
         ax.set_title(f"share of {unit} routed to each drafter")
-    axes[0].set_ylabel("share")
-    axes[1].legend(title="drafter", fontsize=8)
+    axes[1].set_xticks(range(len(routed)), labels, rotation=40, ha="right", fontsize=8)
+    axes[0].legend(title="drafter", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(fig, path)
     return True
