@@ -123,11 +123,10 @@ def _claim(name: str, pairs: list[tuple[str, list[dict], list[dict]]]) -> str:
 
 
 def _findings_3_to_5(rows: list[dict], temp: float, head: str, m: dict[str, float]) -> list[str]:
-    """Findings 3-5 for one drafter kind at one temperature; the single drafters compared are
-    the combinations' components (not, say, a drafter trained on the mixture)."""
+    """Findings 3-5 on the rows of one drafter kind at one temperature; the single drafters
+    compared are the combinations' components (not, say, a drafter trained on the mixture)."""
     by = {_kind(v): x for v, x in m.items()}
-    of = {_kind(v): [r for r in rows if r["variant"] == v and r["temperature"] == temp]
-          for v in m}  # fmt: skip
+    of = {_kind(v): [r for r in rows if r["variant"] == v] for v in m}
     combos = [k for k in by if not k.startswith("single:")]
     parts = {d for k in combos for r in of[k] for d in r.get("drafters") or []}
     singles = [k for k in by if k.startswith("single:") and k[len("single:") :] in parts]
@@ -188,13 +187,18 @@ def findings(rows: list[dict], means: dict) -> str:
            "prompts.", ""]  # fmt: skip
     for temp, m in means.items():
         for head in dict.fromkeys(v.split("/")[0] for v in m):  # eagle2, hass: never mixed
-            out += _findings_3_to_5(rows, temp, head, {v: x for v, x in m.items()
-                                                      if v.split("/")[0] == head})  # fmt: skip
-            mine = [
-                r for r in rows if r["temperature"] == temp and r["variant"].split("/")[0] == head
-            ]
+            mine = [r for r in rows
+                    if r["temperature"] == temp and r["variant"].split("/")[0] == head]  # fmt: skip
+            out += _findings_3_to_5(mine, temp, head, {v: x for v, x in m.items()
+                                                       if v.split("/")[0] == head})  # fmt: skip
             out += _finding_6(mine)
     return "\n".join(out) + "\n"
+
+
+def report(rows: list[dict]) -> str:
+    """The Markdown the script prints: tau grid, routing shares, findings."""
+    table, means = grid(rows)
+    return "\n".join([table, shares_table(rows), findings(rows, means)])
 
 
 def tau_bars(rows: list[dict], path: Path) -> None:
@@ -239,8 +243,7 @@ def main() -> None:
     rows = load_rows(args.dirs)
     if not rows:
         raise SystemExit(f"no results.json under {args.dirs}")
-    table, means = grid(rows)
-    text = "\n".join([table, shares_table(rows), findings(rows, means)])
+    text = report(rows)
     print(text)
     if args.out:
         atomic_write_text(args.out, text)

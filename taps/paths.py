@@ -63,15 +63,22 @@ def umasked(mode: int) -> int:
     return mode & ~mask
 
 
+def temp_dir_beside(final: Path) -> Path:
+    """An empty directory next to `final`, to be renamed onto it once complete. It gets the
+    mode mkdir() would give: mkdtemp's 0700 would make the finished entry private."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(umasked(0o777))
+    return tmp
+
+
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place only on success,
     so an interrupted or failed build never leaves a half-written cache entry."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = temp_dir_beside(final)
     try:
-        tmp.chmod(umasked(0o777))  # mkdtemp's 0700 would make the cache entry private
         yield tmp
         if final.exists():  # a concurrent builder won; keep theirs
             shutil.rmtree(tmp)

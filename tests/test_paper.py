@@ -268,8 +268,7 @@ def test_stored_combination_grid_regenerates_its_table_and_the_readme_quotes_it(
     mod = _script("combination_table")
     rows = mod.load_rows([str(GRID)])
     assert len(rows) == 7 * 2 * 4  # variants x temperatures x benchmarks
-    table, means = mod.grid(rows)
-    text = "\n".join([table, mod.shares_table(rows), mod.findings(rows, means)])
+    text = mod.report(rows)
     assert text == (GRID / "table.md").read_text()
     doc = (ROOT / "experiments" / "README.md").read_text()
     section = doc.split("### The acceptance grid")[1].split("\n## ")[0]

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head
 from taps.models.llama import Llama
-from taps.paths import umasked
+from taps.paths import temp_dir_beside
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +134,8 @@ def export_eagle(
         state["embed_tokens.weight"] = head.embed_weight.detach().cpu().clone()
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
-        tmp.chmod(umasked(0o777))  # mkdtemp's 0700 would hide the export from other users
         if fmt == "safetensors":
             save_file(state, str(tmp / WEIGHT_FILES[fmt]), metadata={"format": "pt"})
         else:
