@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from taps.eval.figures import plt, save_figure  # Agg backend: runs headless
-from taps.eval.paper import mean_difference_ci, mean_with_ci
-from taps.eval.routing import routing_plot
+from taps.eval.intervals import mean_difference_ci, mean_with_ci
 from taps.paths import atomic_write_text
+from taps.report.figures import plt, save_figure  # Agg backend: runs headless
+from taps.report.routing import routing_plot
 
 MATH_BENCHES = ("gsm8k", "math500", "svamp")
 

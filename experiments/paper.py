@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-from taps.eval.paper import STUDIES, load_rows, write_report
-from taps.eval.paper_wandb import log_study
 from taps.models.precision import bf16_is_fast
 from taps.paths import (
     REPO_ROOT,
@@ -34,6 +32,8 @@ from taps.paths import (
     default_data_dir,
     hash_source_files,
 )
+from taps.study.dashboards import log_study
+from taps.study.paper import STUDIES, load_rows, write_report
 
 
 def _count(path: Path, pattern: str) -> int:

@@ -33,13 +33,13 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from taps.combine import build_proposer  # noqa: E402
 from taps.engine.decoder import SpeculativeDecoder  # noqa: E402
 from taps.engine.drafting import TreeSpec  # noqa: E402
-from taps.eval import speed  # noqa: E402
-from taps.eval.figures import save_figure  # noqa: E402
 from taps.models.draft_head import with_full_vocab  # noqa: E402
 from taps.models.precision import cast_for_serving  # noqa: E402
 from taps.models.target import Target, convert_gguf, smollm2_gguf_path  # noqa: E402
 from taps.paths import atomic_write_text  # noqa: E402
+from taps.report.figures import save_figure  # noqa: E402
 from taps.run import drafter_data  # noqa: E402
+from taps.study import speed  # noqa: E402
 from taps.training.train import ensure_drafter  # noqa: E402
 
 if TYPE_CHECKING:

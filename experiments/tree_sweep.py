@@ -26,11 +26,11 @@ from omegaconf import DictConfig  # noqa: E402
 
 from taps.engine.decoder import SpeculativeDecoder  # noqa: E402
 from taps.engine.drafting import HeadDrafter, TreeSpec  # noqa: E402
-from taps.eval import speed  # noqa: E402
-from taps.eval.figures import save_figure  # noqa: E402
 from taps.models.precision import cast_for_serving  # noqa: E402
 from taps.paths import atomic_write_text  # noqa: E402
+from taps.report.figures import save_figure  # noqa: E402
 from taps.run import drafter_data  # noqa: E402
+from taps.study import speed  # noqa: E402
 from taps.training.train import ensure_drafter  # noqa: E402
 
 

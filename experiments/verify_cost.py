@@ -18,11 +18,11 @@ import torch
 
 from taps.engine.tree import DraftTree, verification_inputs
 from taps.engine.verify import NodeLogits, accept_greedy
-from taps.eval.speed import median_seconds
 from taps.models.linear import fast_linear
 from taps.models.llama import KVCache, Llama
 from taps.models.target import load_smollm2
 from taps.paths import default_cache_dir
+from taps.study.speed import median_seconds
 
 
 def random_tree(n: int, width: int, gen: torch.Generator) -> DraftTree:

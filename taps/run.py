@@ -21,12 +21,12 @@ from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
 from taps.eval.cells import cell_key, load_cell, store_cell
 from taps.eval.evaluate import run_bench, summarise
-from taps.eval.logging import NullRunLogger
-from taps.eval.report import COLUMNS, NODE_COLUMNS, flat, result_paths, write_results
-from taps.eval.routing import ROUTING_COLUMNS, routing_table
 from taps.models.precision import cast_for_serving
 from taps.models.target import Target
 from taps.paths import content_key
+from taps.report.files import COLUMNS, NODE_COLUMNS, flat, result_paths, write_results
+from taps.report.routing import ROUTING_COLUMNS, routing_table
+from taps.tracking.loggers import NullRunLogger
 from taps.training.train import ensure_drafter
 
 log = logging.getLogger("taps.run")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from taps.engine.stats import CycleStats, Generation
 from taps.eval.evaluate import _compare
 from taps.eval.metrics import acceptance_by_depth, node_stats, tau
-from taps.eval.report import to_csv, to_markdown
+from taps.report.files import to_csv, to_markdown
 
 
 def gen(accepted: list[int], new: int) -> Generation:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import taps.eval.report as report
 import taps.paths
+import taps.report.files as report
 import taps.training.features as features_mod
 from taps.data.benchmarks import BenchPrompt, load_benchmark
 from taps.data.conversations import Conversation, DataError

@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 
 from taps.config import CONF_DIR
 from taps.eval.cells import cell_key, load_cell, store_cell
-from taps.eval.paper import BENCHES, STUDIES, mean_difference_ci
+from taps.eval.intervals import mean_difference_ci
+from taps.study.paper import BENCHES, STUDIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,8 +163,8 @@ FIXTURE = ROOT / "tests" / "data" / "paper"  # results of a real `make paper` (R
 def test_report_regenerates_from_stored_results(tmp_path):
     """The committed report.md is exactly what the report builder makes of the committed
     results.json files and wall-time log, figures included."""
-    from taps.eval.paper import write_report
-    from taps.eval.paper_figures import FIGURES
+    from taps.study.figures import FIGURES
+    from taps.study.paper import write_report
 
     shutil.copytree(FIXTURE / "runs", tmp_path / "runs")
     history = json.loads((FIXTURE / "timing.json").read_text())
@@ -177,7 +178,7 @@ def test_report_regenerates_from_stored_results(tmp_path):
 def test_report_tables_agree_with_the_results():
     """Every tau in the report's tables is the tau of the matching results.json row, and the
     average is the mean of the four benchmarks."""
-    from taps.eval.paper import BENCHES, KINDS, VARIANTS, load_rows, pick
+    from taps.study.paper import BENCHES, KINDS, VARIANTS, load_rows, pick
 
     studies = {s: load_rows(FIXTURE, s) for s in STUDIES}
     report = (FIXTURE / "report.md").read_text()

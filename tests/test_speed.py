@@ -1,4 +1,4 @@
-"""The speed harness (taps/eval/speed.py) and peak-memory probe: what they measure and how they
+"""The speed harness (taps/study/speed.py) and peak-memory probe: what they measure and how they
 summarise it. No timing assertions: speed claims come from experiments/, not from tests."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
-from taps.eval import speed
 from taps.models.draft_head import DraftHead
+from taps.study import speed
 
 
 def test_peak_memory_sees_a_transient_allocation():

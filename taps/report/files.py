@@ -13,9 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from taps.eval.figures import save_figure  # noqa: E402
-from taps.eval.routing import routing_plot  # noqa: E402
 from taps.paths import atomic_write_text  # noqa: E402
+from taps.report.figures import save_figure  # noqa: E402
+from taps.report.routing import routing_plot  # noqa: E402
 
 SCHEMA_VERSION = 1
 # Scalar columns of the CSV and Markdown grids, in order.

@@ -3,7 +3,7 @@ runs per (drafter kind, temperature) and the verdict says in how many of them it
 
 from __future__ import annotations
 
-from taps.eval.paper import _COLS, KINDS, pick, variant_means
+from taps.study.paper import _COLS, KINDS, pick, variant_means
 
 Rows = dict[str, list[dict]]
 Finding = tuple[str, str, str]  # claim, verdict, evidence

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from taps.eval.figures import save_figure  # noqa: E402
+from taps.report.figures import save_figure  # noqa: E402
 
 ROUTING_COLUMNS = ["variant", "bench", "temperature", "unit", "drafter", "share"]
 

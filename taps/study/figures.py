@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from taps.eval.figures import save_figure  # noqa: E402
+from taps.report.figures import save_figure  # noqa: E402
 
 Rows = dict[str, list[dict]]
 KIND_T = (("eagle2", 0.0), ("eagle2", 1.0), ("hass", 0.0), ("hass", 1.0))

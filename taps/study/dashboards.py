@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from taps.eval.logging import WandbRunLogger
-from taps.eval.report import heatmap
+from taps.report.files import heatmap
+from taps.tracking.loggers import WandbRunLogger
 
 GRID_COLUMNS = ["variant", "drafter", "data", "routing", "bench", "temperature", "tau",
                 "tau_ci_low", "tau_ci_high", "tokens_per_s", "verified_tokens_per_cycle",
