@@ -26,23 +26,22 @@ from taps.models.target import Target, load_smollm2
 from taps.paths import default_cache_dir, default_data_dir
 from taps.training.datamodule import FeatureDataModule
 from taps.training.features import FeatureSet, cached_features
-from taps.training.hass import HassConfig
-from taps.training.losses import LossWeights
 from taps.training.module import DraftModule
+from taps.training.objectives import Eagle2Objective, HassObjective, Objective
 from taps.training.vocab import frequent_tokens
 
 
 def measure(
     target: Target,
     fs: FeatureSet,
-    hass: HassConfig | None,
+    objective: Objective,
     d2t: torch.Tensor | None,
     steps: int,
     bf16: bool,
 ) -> tuple[float, float]:
     torch.manual_seed(0)
     head = DraftHead.for_target(target.model, d2t=d2t).train()
-    module = DraftModule(head, lr=1e-3, weights=LossWeights(), hass=hass)
+    module = DraftModule(head, objective, lr=1e-3)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     loader = FeatureDataModule(fs, None, 4, 0).train_dataloader()
     it = iter(loader)
@@ -86,9 +85,9 @@ def main() -> None:
     d2t, cov = frequent_tokens(fs, args.vocab, target.model.lm_head.weight.shape[0], target.eos_ids)
     print(f"draft vocabulary {args.vocab}: covers {100 * cov:.2f}% of response tokens")
     rows = []
-    for name, hass in [("eagle2", None), ("hass", HassConfig())]:
+    for name, objective in [("eagle2", Eagle2Objective()), ("hass", HassObjective())]:
         for vocab, m in [("full", None), (str(args.vocab), d2t)]:
-            rows.append((name, vocab, *measure(target, fs, hass, m, args.steps, bf16)))
+            rows.append((name, vocab, *measure(target, fs, objective, m, args.steps, bf16)))
     base = rows[0][2]
     print("| objective | vocabulary | tokens/s | vs EAGLE-2 full | peak memory (MiB over start) |")
     print("|---|---|---|---|---|")

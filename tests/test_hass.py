@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from taps.models.draft_head import DraftHead
 from taps.training.hass import HassConfig, alignment_mask, hass_forward, hass_loss
 from taps.training.losses import LossWeights, eagle_loss
+from taps.training.module import DraftModule
+from taps.training.objectives import Eagle2Objective, HassObjective
+from taps.training.train import build_objective
 
 
 def visible(mask: torch.Tensor, n: int) -> list[list[tuple[int, int]]]:
@@ -87,7 +91,8 @@ def test_hass_drafter_config_trains(tmp_path, cache_dir):
         assert cfg.drafter.lr == 1e-3 and cfg.drafter.batch_size == 4  # inherited from eagle2
         _, meta = train_tiny(tmp_path, cache_dir, f"drafter={drafter}")
         keys[drafter] = meta["key"]
-        assert meta["drafter"]["objective"] == drafter
+        objective = {"eagle2": "Eagle2Objective", "hass": "HassObjective"}[drafter]
+        assert meta["drafter"]["objective"]["_target_"].endswith(objective)
     assert keys["eagle2"] != keys["hass"]
     assert "step3/loss" in str(meta["final_metrics"])
 
@@ -114,6 +119,45 @@ def test_two_stage_schedule(tmp_path, cache_dir):
     assert 0.05 * last0 < first1 < 0.15 * last0
     _, one = train_tiny(tmp_path, cache_dir, *settings[:1], *settings[2:])
     assert one["key"] != meta["key"]  # the schedule is part of the drafter's identity
+
+
+def test_hass_config_builds_its_objective(tmp_path):
+    from tests.test_training import tiny_cfg
+
+    objective = build_objective(tiny_cfg(tmp_path, "drafter=hass").drafter)
+    assert isinstance(objective, HassObjective)
+    assert (objective.steps, objective.topk, objective.topk_weight) == (3, 10, 1.0)
+    assert objective.weights == LossWeights(1.0, 0.1)  # inherited from eagle2.yaml
+    assert objective.first_stage() == HassObjective(1.0, 0.1, 3, 10, 0.0)
+    cfg = tiny_cfg(tmp_path, "drafter=hass", "drafter.objective.steps=2")
+    assert build_objective(cfg.drafter).steps == 2
+    cfg = tiny_cfg(tmp_path, "drafter=hass", "+drafter.objective.stepz=2")
+    with pytest.raises(Exception, match="stepz"):  # a misspelt option is named
+        build_objective(cfg.drafter)
+
+
+def test_two_stage_needs_an_objective_with_stages(tmp_path, cache_dir, tiny64):
+    from tests.test_training import train_tiny
+
+    with pytest.raises(ValueError, match=r"drafter\.two_stage"):
+        train_tiny(tmp_path, cache_dir, "+drafter.two_stage=true")  # EAGLE-2: no stages
+    assert not (tmp_path / "drafters").exists()  # it failed before any training
+    head = DraftHead.for_target(tiny64.model)
+    with pytest.raises(ValueError, match=r"drafter\.two_stage"):
+        DraftModule(head, Eagle2Objective(), stage2_epoch=1)
+
+
+def test_objectives_compute_the_reference_losses(tiny64):
+    head, f_in, tokens, f_next, mask = head_and_batch(tiny64)
+    w = LossWeights(0.5, 0.2)
+    got, m = Eagle2Objective(0.5, 0.2)(head, f_in, tokens, f_next, mask)
+    want, _ = eagle_loss(head(f_in, tokens), f_next, mask, head.lm_head_weight, w)
+    assert torch.equal(got, want) and "topk_loss" not in m
+    hass = HassObjective(0.5, 0.2, 2, 5, 0.7)
+    for objective, topk_weight in ((hass, 0.7), (hass.first_stage(), 0.0)):
+        got, _ = objective(head, f_in, tokens, f_next, mask)
+        want, _ = hass_loss(head, f_in, tokens, f_next, mask, w, HassConfig(2, 5, topk_weight))
+        assert torch.equal(got, want)
 
 
 def test_rollout_metrics_chain_acceptance(monkeypatch):

@@ -120,13 +120,30 @@ def test_drafter_cache_hit_and_invalidation(tmp_path, monkeypatch, cache_dir):
         ["drafter.draft_vocab=512"],
         ["data.regenerate=true", "data.regenerate_max_tokens=16"],
         ["drafter=hass"],
+        ["drafter.objective.token_weight=0.2"],
     ):
         _, meta = ensure(*change)
         assert meta["key"] != meta1["key"], change
-    assert len(calls) == 10
+    assert len(calls) == 11
     ensure("trainer.log_every_n_steps=3")  # cosmetic: still a hit
-    assert len(calls) == 10
+    assert len(calls) == 11
     assert not list((tmp_path / "drafters").glob(".*tmp*"))  # no half-written entries
+
+
+def test_callbacks_group_builds_the_progress_bar():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from taps.training.progress import TokensPerSecondBar
+
+    group = Path(CONF_DIR) / "callbacks"
+    (bar,) = train_mod.build_callbacks(OmegaConf.load(group / "default.yaml"))
+    assert isinstance(bar, TokensPerSecondBar) and bar.refresh_rate == 10
+    assert train_mod.build_callbacks(OmegaConf.load(group / "none.yaml")) == []
+    assert train_mod.build_callbacks(None) == []
+    off = OmegaConf.merge(OmegaConf.load(group / "default.yaml"), {"progress": None})
+    assert train_mod.build_callbacks(off) == []  # callbacks.progress=null disables it
 
 
 def test_target_key_ignores_install_path(tmp_path, cache_dir):

@@ -177,13 +177,10 @@ def _same_embedding(a: Tensor, b: Tensor, rows: int = 8192) -> bool:
     return True
 
 
-def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
-    """A head in the EAGLE-1/2 layout, checked against `target`; returns (head, config)."""
-    path = Path(path)
-    state, wfile = _read_weights(path)
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    cfile = path / "config.json"
-    meta = json.loads(cfile.read_text()) if cfile.is_file() else {}
+def _check_sizes(
+    state: dict[str, Tensor], meta: dict, wfile: Path, cfile: Path, target: Llama
+) -> None:
+    """The required weights are there, and the hidden size and vocabulary are the target's."""
     h, vocab = target.config.hidden_size, target.lm_head.weight.shape[0]
     missing = [k for k in REQUIRED if k not in state]
     if missing:
@@ -196,19 +193,26 @@ def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
     for key, n in (("hidden_size", h), ("vocab_size", vocab)):
         if key in meta and meta[key] != n:
             raise ValueError(f"{cfile}: {key}={meta[key]} but the target has {n}")
-    emb = state.pop("embed_tokens.weight", None)
-    if emb is not None:
-        if emb.shape != (vocab, h):
-            raise ValueError(
-                f"{wfile}: 'embed_tokens.weight' has shape {tuple(emb.shape)}, expected "
-                f"{(vocab, h)}: vocabulary does not match the target's {vocab}"
-            )
-        if not _same_embedding(emb, target.model.embed_tokens.weight):
-            log.warning(
-                "%s: embed_tokens.weight differs from the target's embedding; using the "
-                "target's (EAGLE heads share it)",
-                wfile,
-            )
+
+
+def _check_embedding(emb: Tensor, wfile: Path, target: Llama) -> None:
+    """A stored embedding must have the target's shape; a different one only warns (unused)."""
+    h, vocab = target.config.hidden_size, target.lm_head.weight.shape[0]
+    if emb.shape != (vocab, h):
+        raise ValueError(
+            f"{wfile}: 'embed_tokens.weight' has shape {tuple(emb.shape)}, expected "
+            f"{(vocab, h)}: vocabulary does not match the target's {vocab}"
+        )
+    if not _same_embedding(emb, target.model.embed_tokens.weight):
+        log.warning(
+            "%s: embed_tokens.weight differs from the target's embedding; using the "
+            "target's (EAGLE heads share it)",
+            wfile,
+        )
+
+
+def _our_names(state: dict[str, Tensor], wfile: Path) -> dict[str, Tensor]:
+    """The head's tensors under DraftHead names; anything but one layer (and d2t) is refused."""
     ours = {}
     for k, v in state.items():
         if k.endswith(_IGNORED_SUFFIXES):
@@ -216,6 +220,13 @@ def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
         if k != "d2t" and not k.startswith(("fc.", "layers.0.")):
             raise ValueError(f"{wfile}: unsupported key {k!r} (only single-layer EAGLE-1/2 heads)")
         ours[_ours(k)] = v
+    return ours
+
+
+def _new_head(
+    ours: dict[str, Tensor], meta: dict, wfile: Path, cfile: Path, target: Llama
+) -> DraftHead:
+    """An untrained head shaped like the file's: its biases, its draft vocabulary."""
     # Published heads differ in optional biases: build the layer with the biases the file has
     # (attention_bias/mlp_bias), then zero any the file lacks (same function as no bias).
     config = copy.deepcopy(target.config)
@@ -229,7 +240,7 @@ def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
             f"{cfile}: draft_vocab_size={meta['draft_vocab_size']} but d2t has {len(d2t)}"
         )
     try:
-        head = DraftHead(
+        return DraftHead(
             config,
             target.model.embed_tokens.weight,
             target.lm_head.weight,
@@ -238,7 +249,10 @@ def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
         ).to(target.lm_head.weight.dtype)
     except ValueError as e:  # a bad d2t
         raise ValueError(f"{wfile}: 'd2t': {e}") from e
-    expected = head.state_dict()
+
+
+def _complete(ours: dict[str, Tensor], expected: dict[str, Tensor], wfile: Path) -> None:
+    """Check `ours` against the head's state dict, adding zeros for the biases it lacks."""
     unexpected = [k for k in ours if k not in expected]
     if unexpected:
         raise ValueError(f"{wfile}: unsupported key {_theirs(unexpected[0])!r}")
@@ -253,6 +267,22 @@ def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
                 f"{wfile}: {_theirs(k)!r} has shape {tuple(ours[k].shape)}, expected "
                 f"{tuple(want.shape)} for this target"
             )
+
+
+def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
+    """A head in the EAGLE-1/2 layout, checked against `target`; returns (head, config)."""
+    path = Path(path)
+    state, wfile = _read_weights(path)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    cfile = path / "config.json"
+    meta = json.loads(cfile.read_text()) if cfile.is_file() else {}
+    _check_sizes(state, meta, wfile, cfile, target)
+    emb = state.pop("embed_tokens.weight", None)
+    if emb is not None:
+        _check_embedding(emb, wfile, target)
+    ours = _our_names(state, wfile)
+    head = _new_head(ours, meta, wfile, cfile, target)
+    _complete(ours, head.state_dict(), wfile)
     head.load_state_dict(ours)
     meta = {**meta, "source": str(path), "format": "eagle", "weights": wfile.name}
     return head.to(target.lm_head.weight.device).eval(), meta

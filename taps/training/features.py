@@ -134,27 +134,11 @@ def compute_features(
     if not ids:
         raise DataError("no conversation had an assistant turn to supervise (data.components)")
     model = in_dtype(target.model, compute_dtype)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: list[torch.Tensor | None] = [None] * len(ids)
-    dev = target.device
     total = sum(map(len, ids))
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
     t0 = time.perf_counter()
-    i = 0
-    while i < len(order):
-        # Length-sorted batches, right-padded: causal attention never lets a real position
-        # see the padding after it, so padded features equal unpadded ones.
-        width = len(ids[order[i]])
-        rows = max(1, batch_tokens // width)
-        batch = order[i : i + rows]
-        x = torch.full((len(batch), width), target.tokenizer.pad_token_id or 0, dtype=torch.long)
-        for r, j in enumerate(batch):
-            x[r, : len(ids[j])] = torch.tensor(ids[j])
-        f = model(x.to(dev)).to(DTYPES[store_dtype]).cpu()
-        for r, j in enumerate(batch):
-            out[j] = f[r, : len(ids[j])]
-        bar.update(sum(len(ids[j]) for j in batch))
-        i += rows
+    pad = target.tokenizer.pad_token_id or 0
+    out = _forward_all(model, ids, pad, target.device, DTYPES[store_dtype], batch_tokens, bar)
     bar.close()
     secs = time.perf_counter() - t0
     lengths = torch.tensor([0] + [len(s) for s in ids])
@@ -180,11 +164,42 @@ def compute_features(
     )
     return FeatureSet(
         input_ids=torch.tensor([t for s in ids for t in s], dtype=torch.long),
-        features=torch.cat(out),  # type: ignore[arg-type]
+        features=torch.cat(out),
         loss_mask=torch.tensor([t for s in masks for t in s], dtype=torch.uint8),
         offsets=lengths.cumsum(0),
         meta=meta,
     )
+
+
+def _forward_all(
+    model: torch.nn.Module,
+    ids: list[list[int]],
+    pad: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    batch_tokens: int,
+    bar: tqdm,
+) -> list[torch.Tensor]:
+    """The features of every sequence of `ids` (in `dtype`, on the CPU), computed in batches
+    of about `batch_tokens` tokens."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    i = 0
+    while i < len(order):
+        # Length-sorted batches, right-padded: causal attention never lets a real position
+        # see the padding after it, so padded features equal unpadded ones.
+        width = len(ids[order[i]])
+        rows = max(1, batch_tokens // width)
+        batch = order[i : i + rows]
+        x = torch.full((len(batch), width), pad, dtype=torch.long)
+        for r, j in enumerate(batch):
+            x[r, : len(ids[j])] = torch.tensor(ids[j])
+        f = model(x.to(device)).to(dtype).cpu()
+        for r, j in enumerate(batch):
+            out[j] = f[r, : len(ids[j])]
+        bar.update(sum(len(ids[j]) for j in batch))
+        i += rows
+    return out  # type: ignore[return-value]
 
 
 def cached_features(

@@ -2,43 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import lightning as L
 import torch
 
 from taps.models.draft_head import DraftHead
-from taps.training.hass import HassConfig, hass_loss
-from taps.training.losses import LossWeights, eagle_loss
 from taps.training.metrics import rollout_metrics
+from taps.training.objectives import Eagle2Objective, Objective
 
 
 class DraftModule(L.LightningModule):
     def __init__(
         self,
         head: DraftHead,
+        objective: Objective | None = None,
         lr: float = 3e-5,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.0,
         warmup_steps: int = 50,
         noise: float = 0.1,
-        weights: LossWeights | None = None,
-        hass: HassConfig | None = None,
         val_depth: int = 5,
         stage2_epoch: int | None = None,
         stage2_lr_scale: float = 1.0,
         steps_per_epoch: int | None = None,
     ) -> None:
-        """stage2_epoch: the reference HASS two-stage schedule; epochs before it train without
-        top-K distillation, later ones with it at lr * stage2_lr_scale. None: one stage.
+        """objective: the loss (taps.training.objectives); None: EAGLE-2 with default weights.
+        stage2_epoch: the reference HASS two-stage schedule; epochs before it train with
+        `objective.first_stage()` (no top-K distillation), later ones with the objective at
+        lr * stage2_lr_scale. None: one stage.
         steps_per_epoch: given, the schedule does not ask the trainer to set up the data early
         (`estimated_stepping_batches` would, before a resumed run restores the loader)."""
         super().__init__()
         self.head = head
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_steps, self.noise = warmup_steps, noise
-        self.weights = weights or LossWeights()
-        self.hass = hass  # None: the EAGLE-2 objective
+        self.objective = Eagle2Objective() if objective is None else objective
+        # Built now, so an objective without stages fails before training starts.
+        self.stage1_objective = None if stage2_epoch is None else self.objective.first_stage()
         self.val_depth = val_depth
         self.stage2_epoch, self.stage2_lr_scale = stage2_epoch, stage2_lr_scale
         self.steps_per_epoch = steps_per_epoch
@@ -53,12 +52,8 @@ class DraftModule(L.LightningModule):
         if train and self.noise > 0:
             # Uniform input noise, not scaled by sequence length (a reference-code mistake).
             f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * self.noise
-        if self.hass is not None:
-            hass = replace(self.hass, topk_weight=0.0) if self._first_stage() else self.hass
-            return hass_loss(self.head, f_in, batch["tokens"], batch["f_next"], batch["mask"],
-                             self.weights, hass)  # fmt: skip
-        g = self.head(f_in, batch["tokens"])
-        return eagle_loss(g, batch["f_next"], batch["mask"], self.head.lm_head_weight, self.weights)
+        objective = self.stage1_objective if self._first_stage() else self.objective
+        return objective(self.head, f_in, batch["tokens"], batch["f_next"], batch["mask"])
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
         loss, m = self._step(batch, train=True)

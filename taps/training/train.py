@@ -12,12 +12,14 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from taps.data.conversations import DataError
 from taps.data.mixture import build_mixture, select_budget
@@ -27,11 +29,9 @@ from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import Target
 from taps.paths import atomic_dir, content_key, file_lock
 from taps.training.datamodule import FeatureDataModule
-from taps.training.features import FEATURES_VERSION, cached_features, features_key
-from taps.training.hass import HassConfig
-from taps.training.losses import LossWeights
+from taps.training.features import FEATURES_VERSION, FeatureSet, cached_features, features_key
 from taps.training.module import DraftModule
-from taps.training.progress import TokensPerSecondBar
+from taps.training.objectives import Objective
 from taps.training.regenerate import cached_regeneration
 from taps.training.resume import LastCheckpoint
 from taps.training.vocab import frequent_tokens
@@ -66,21 +66,75 @@ def _resolved_trainer(trainer: DictConfig) -> DictConfig:
     return t
 
 
-def hass_config(drafter: DictConfig) -> HassConfig | None:
-    if drafter.objective == "eagle2":
-        return None
-    if drafter.objective != "hass":
-        raise ValueError(f"drafter.objective={drafter.objective!r}: expected 'eagle2' or 'hass'")
-    return HassConfig(drafter.hass_steps, drafter.topk, drafter.topk_weight)
+def _weight_settings(trainer: DictConfig) -> dict:
+    """The trainer settings that can change the weights (in the key and the metadata)."""
+    return {k: v for k, v in _plain(trainer).items() if k not in _COSMETIC}
 
 
-def _two_stage(drafter: DictConfig) -> tuple[int | None, float]:
+def build_objective(drafter: DictConfig) -> Objective:
+    """The drafter's training objective, instantiated from `drafter.objective` (`_target_`);
+    a misspelt option fails here, with Hydra's error naming the key."""
+    if drafter.get("objective") is None:
+        raise ValueError(
+            f"drafter={drafter.get('name')}: drafter.objective is null, so this drafter cannot "
+            "be trained (a pretrained head needs drafter.path)"
+        )
+    return instantiate(drafter.objective)
+
+
+def build_callbacks(cfg_callbacks: DictConfig | dict | None) -> list[L.Callback]:
+    """Lightning callbacks of the `callbacks` config group: a mapping of named `_target_`
+    nodes (a null node is skipped: `callbacks.progress=null`). None or {}: no callbacks."""
+    out = []
+    for name, node in (cfg_callbacks or {}).items():
+        if node is None:
+            continue
+        if not (isinstance(node, dict) or OmegaConf.is_dict(node)) or "_target_" not in node:
+            raise ValueError(f"callbacks.{name}: expected a node with a _target_, got {node!r}")
+        out.append(instantiate(node))
+    return out
+
+
+def _two_stage(drafter: DictConfig, objective: Objective) -> tuple[int | None, float]:
     """(stage-2 start epoch or None, its lr scale): the reference HASS schedule, if asked."""
     if not drafter.get("two_stage", False):
         return None, 1.0
-    if drafter.objective != "hass":
-        raise ValueError("drafter.two_stage applies to objective=hass (it stages distillation)")
+    objective.first_stage()  # an objective without stages raises, naming drafter.two_stage
     return int(drafter.stage2_epoch), float(drafter.stage2_lr_scale)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A drafter to train, resolved by ensure_drafter: its data, objective and cache entry."""
+
+    target: Target
+    drafter: DictConfig
+    data: DictConfig
+    trainer: DictConfig  # with trainer.precision resolved
+    objective: Objective
+    stage2: tuple[int | None, float]  # (stage-2 start epoch or None, its lr scale)
+    split: Any  # the data mixture's train/val conversations and info
+    store: str  # feature dtype on disk
+    compute: str | None  # dtype of the target forward that computes features
+    key: str
+    out: Path  # the cache entry
+    cache_dir: str
+    seed: int
+
+    @property
+    def work(self) -> Path:
+        """Work in progress (checkpoint, metrics) beside the cache entry."""
+        return self.out.with_name(self.out.name + ".partial")
+
+
+@dataclass
+class _Fit:
+    """What a finished `Trainer.fit` leaves for the drafter's metadata."""
+
+    trainer: L.Trainer
+    seconds: float
+    memory: PeakMemory
+    resumed: bool
 
 
 def _source_summary(split_info: dict, fs_meta: dict) -> str:
@@ -106,7 +160,8 @@ def ensure_drafter(
 ) -> tuple[DraftHead, dict]:
     """Return a trained head for (target, drafter, data, trainer), training it if missing.
     An interrupted training resumes from its last checkpoint on the next call.
-    A drafter with `path` (objective pretrained) is loaded as published, without training."""
+    A drafter with `path` (drafter=eagle_pretrained) is loaded as published, without training.
+    `callbacks` (e.g. `build_callbacks(cfg.callbacks)`) join the trainer's resume checkpoint."""
     if drafter.get("path"):
         from taps.models.eagle_format import load_pretrained
 
@@ -117,6 +172,27 @@ def ensure_drafter(
     hit = _RESOLVED.get(memo)
     if hit is not None and (hit / "head.safetensors").is_file():
         return load_head(hit, target.model)
+    job = _resolve(target, drafter, data, trainer, cache_dir, data_dir, seed)
+    if not (job.out / "head.safetensors").is_file():
+        _train_once(job, lightning_logger, list(callbacks or []))
+    else:
+        log.info("drafter cache hit: %s", job.out)
+    _RESOLVED[memo] = job.out
+    return load_head(job.out, target.model)
+
+
+def _resolve(
+    target: Target,
+    drafter: DictConfig,
+    data: DictConfig,
+    trainer: DictConfig,
+    cache_dir: str,
+    data_dir: str,
+    seed: int,
+) -> _Job:
+    """Select (and regenerate) the data and compute the drafter's cache key and entry."""
+    objective = build_objective(drafter)  # a bad objective fails before any data is read
+    stage2 = _two_stage(drafter, objective)
     split = build_mixture(
         select_budget(_plain(data.components), data.get("budget")),
         data_dir,
@@ -127,34 +203,29 @@ def ensure_drafter(
     store = data.get("feature_dtype", "bfloat16")
     compute = resolve_dtype(data.get("feature_compute_dtype"), target.device)
     if data.get("regenerate", False):
-        regen = {"max_len": data.max_len, "max_new_tokens": data.regenerate_max_tokens,
-                 "compute_dtype": compute}  # fmt: skip
-        split.train = cached_regeneration(target, split.train, cache_dir, **regen,
-                                          desc="regenerate/train")  # fmt: skip
-        split.val = cached_regeneration(target, split.val, cache_dir, **regen,
-                                        desc="regenerate/val")  # fmt: skip
-        split.info["regenerated"] = {**regen, "train": len(split.train), "val": len(split.val)}
+        _regenerate(target, data, split, cache_dir, compute)
     tkey = features_key(target, split.train, data.max_len, store, compute)
     vkey = features_key(target, split.val, data.max_len, store, compute)
     trainer = _resolved_trainer(trainer)
-    trainer_cfg = {k: v for k, v in _plain(trainer).items() if k not in _COSMETIC}
+    trainer_cfg = _weight_settings(trainer)
     drafter_cfg = {k: v for k, v in _plain(drafter).items() if k not in _DRAFTER_COSMETIC}
     key = content_key(HEAD_VERSION, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed)
     out = Path(cache_dir) / "drafters" / f"{drafter.name}-{data.name}-{key}"
-    if not (out / "head.safetensors").is_file():
-        # One trainer per drafter: a parallel job that needs it waits, then finds it cached.
-        args = (target, drafter, data, trainer, split, out, key, cache_dir, seed,
-                lightning_logger, callbacks)  # fmt: skip
-        if not _launching_rank():  # a DDP worker: rank 0 holds the lock and waits for it
-            _train(*args)
-        else:
-            with file_lock(Path(cache_dir) / "locks" / out.name):
-                if not (out / "head.safetensors").is_file():
-                    _train(*args)
-    else:
-        log.info("drafter cache hit: %s", out)
-    _RESOLVED[memo] = out
-    return load_head(out, target.model)
+    return _Job(target, drafter, data, trainer, objective, stage2, split, store, compute, key,
+                out, cache_dir, seed)  # fmt: skip
+
+
+def _regenerate(
+    target: Target, data: DictConfig, split: Any, cache_dir: str, compute: str | None
+) -> None:
+    """Replace the split's responses by the target's own (data.regenerate), in place."""
+    regen = {"max_len": data.max_len, "max_new_tokens": data.regenerate_max_tokens,
+             "compute_dtype": compute}  # fmt: skip
+    split.train = cached_regeneration(target, split.train, cache_dir, **regen,
+                                      desc="regenerate/train")  # fmt: skip
+    split.val = cached_regeneration(target, split.val, cache_dir, **regen,
+                                    desc="regenerate/val")  # fmt: skip
+    split.info["regenerated"] = {**regen, "train": len(split.train), "val": len(split.val)}
 
 
 def _launching_rank() -> bool:
@@ -163,118 +234,161 @@ def _launching_rank() -> bool:
     return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
-def _train(
-    target: Target,
-    drafter: DictConfig,
-    data: DictConfig,
-    trainer: DictConfig,
-    split: Any,
-    out: Path,
-    key: str,
-    cache_dir: str,
-    seed: int,
-    lightning_logger: Any,
-    callbacks: list | None,
-) -> None:
-    """Train the drafter and publish it at `out` (atomically)."""
-    store = data.get("feature_dtype", "bfloat16")
-    compute = resolve_dtype(data.get("feature_compute_dtype"), target.device)
-    trainer_cfg = {k: v for k, v in _plain(trainer).items() if k not in _COSMETIC}
+def _train_once(job: _Job, lightning_logger: Any, callbacks: list) -> None:
+    """One trainer per drafter: a parallel job that needs it waits, then finds it cached."""
+    if not _launching_rank():  # a DDP worker: rank 0 holds the lock and waits for it
+        _train(job, lightning_logger, callbacks)
+        return
+    with file_lock(Path(job.cache_dir) / "locks" / job.out.name):
+        if not (job.out / "head.safetensors").is_file():
+            _train(job, lightning_logger, callbacks)
+
+
+def _train(job: _Job, lightning_logger: Any, callbacks: list) -> None:
+    """Train the drafter and publish it at `job.out` (atomically)."""
+    train_fs, val_fs = _features(job)
+    log.info("training data: %s", _source_summary(job.split.info, train_fs.meta))
+    d2t, coverage = _draft_vocab(job, train_fs)
+    L.seed_everything(job.seed, workers=True)
+    # float32 master weights whatever the target's dtype; autocast handles the compute.
+    head = DraftHead.for_target(job.target.model, bias=job.drafter.bias, d2t=d2t).float().train()
+    dm = FeatureDataModule(train_fs, val_fs, job.drafter.batch_size, job.seed)
+    fit = _fit(job, _module(job, head, len(dm.sampler)), dm, train_fs, lightning_logger,
+               callbacks)  # fmt: skip
+    if not fit.trainer.is_global_zero:
+        # DDP re-runs this command once per extra rank: those ranks only help fit; rank 0
+        # publishes the drafter and evaluates.
+        raise SystemExit(0)
+    _publish(job, head, fit, train_fs, val_fs, coverage)
+
+
+def _features(job: _Job) -> tuple[FeatureSet, FeatureSet | None]:
+    """Training and validation features (cached); no validation set if none is usable."""
+    target, split, max_len = job.target, job.split, job.data.max_len
     train_fs = cached_features(
-        target, split.train, cache_dir, data.max_len, store, "features/train", compute
+        target, split.train, job.cache_dir, max_len, job.store, "features/train", job.compute
     )
     try:
         val_fs = cached_features(
-            target, split.val, cache_dir, data.max_len, store, "features/val", compute
+            target, split.val, job.cache_dir, max_len, job.store, "features/val", job.compute
         )
     except DataError as e:  # e.g. every held-out example truncated before its answer
         log.warning("no validation set (%s): training without held-out metrics", e)
         val_fs = None
-    log.info("training data: %s", _source_summary(split.info, train_fs.meta))
-    d2t, coverage = None, 1.0
+    return train_fs, val_fs
+
+
+def _draft_vocab(job: _Job, train_fs: FeatureSet) -> tuple[Tensor | None, float]:
+    """(d2t, share of response tokens it covers): the drafter.draft_vocab most frequent tokens,
+    or (None, 1.0) for the full vocabulary."""
+    drafter, target = job.drafter, job.target
     vocab = target.model.lm_head.weight.shape[0]
-    if drafter.get("draft_vocab") and drafter.draft_vocab < vocab:  # else: the full one
-        d2t, coverage = frequent_tokens(train_fs, int(drafter.draft_vocab), vocab, target.eos_ids)
-        log.info("draft vocabulary: %d tokens cover %.2f%% of responses", len(d2t), 100 * coverage)
-    L.seed_everything(seed, workers=True)
-    # float32 master weights whatever the target's dtype; autocast handles the compute.
-    head = DraftHead.for_target(target.model, bias=drafter.bias, d2t=d2t).float().train()
-    stage2_epoch, stage2_lr_scale = _two_stage(drafter)
-    dm = FeatureDataModule(train_fs, val_fs, drafter.batch_size, seed)
-    module = DraftModule(
+    if not (drafter.get("draft_vocab") and drafter.draft_vocab < vocab):
+        return None, 1.0
+    d2t, coverage = frequent_tokens(train_fs, int(drafter.draft_vocab), vocab, target.eos_ids)
+    log.info("draft vocabulary: %d tokens cover %.2f%% of responses", len(d2t), 100 * coverage)
+    return d2t, coverage
+
+
+def _module(job: _Job, head: DraftHead, steps_per_epoch: int) -> DraftModule:
+    drafter = job.drafter
+    stage2_epoch, stage2_lr_scale = job.stage2
+    return DraftModule(
         head,
+        job.objective,
         lr=drafter.lr,
         betas=tuple(drafter.betas),
         weight_decay=drafter.weight_decay,
         warmup_steps=drafter.warmup_steps,
         noise=drafter.noise,
-        weights=LossWeights(drafter.feature_weight, drafter.token_weight),
-        hass=hass_config(drafter),
         val_depth=int(drafter.get("val_depth", 5)),
         stage2_epoch=stage2_epoch,
         stage2_lr_scale=stage2_lr_scale,
-        steps_per_epoch=len(dm.sampler),
+        steps_per_epoch=steps_per_epoch,
     )
+
+
+def _fit(
+    job: _Job,
+    module: DraftModule,
+    dm: FeatureDataModule,
+    train_fs: FeatureSet,
+    lightning_logger: Any,
+    callbacks: list,
+) -> _Fit:
+    """Fit in job.work, resuming from its last checkpoint if there is one."""
     # Work in progress lives beside the cache entry, so an interrupted run resumes from its
     # last checkpoint; the entry itself appears only when training has finished.
-    work = out.with_name(out.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / "last.ckpt"
+    job.work.mkdir(parents=True, exist_ok=True)
+    ckpt = job.work / "last.ckpt"
     resume = str(ckpt) if ckpt.is_file() else None
     if resume:
-        log.info("resuming %s from %s", out.name, ckpt)
-    loggers = [L.pytorch.loggers.CSVLogger(str(work), name="", version="")]
+        log.info("resuming %s from %s", job.out.name, ckpt)
+    loggers = [L.pytorch.loggers.CSVLogger(str(job.work), name="", version="")]
     if callable(lightning_logger):  # a factory: the run's logger starts only if we train
         lightning_logger = lightning_logger()
     if lightning_logger is not None:
         loggers.append(lightning_logger)
-    callbacks = [
-        TokensPerSecondBar(refresh_rate=10),
-        LastCheckpoint(ckpt, int(trainer.get("checkpoint_every", 200)), dm.sampler),
-        *(callbacks or []),
-    ]
-    kwargs = {k: v for k, v in _plain(trainer).items() if k != "checkpoint_every"}
+    # The resume checkpoint needs run-time arguments, so it is added here, not configured.
+    every = int(job.trainer.get("checkpoint_every", 200))
+    callbacks = [LastCheckpoint(ckpt, every, dm.sampler), *callbacks]
+    kwargs = {k: v for k, v in _plain(job.trainer).items() if k != "checkpoint_every"}
     pl_trainer = instantiate(
-        kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(work)
+        kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(job.work)
     )
     for lg in loggers:
-        lg.log_hyperparams({"data": split.info, "by_source": train_fs.meta.get("by_source")})
+        lg.log_hyperparams({"data": job.split.info, "by_source": train_fs.meta.get("by_source")})
     t0 = time.perf_counter()
-    with PeakMemory(target.device) as mem:
+    with PeakMemory(job.target.device) as mem:
         pl_trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    secs = time.perf_counter() - t0
-    if not pl_trainer.is_global_zero:
-        # DDP re-runs this command once per extra rank: those ranks only help fit; rank 0
-        # publishes the drafter and evaluates.
-        raise SystemExit(0)
-    epochs = pl_trainer.current_epoch
-    with atomic_dir(out) as tmp:
-        meta = {
-            "target": {"name": target.name, "key": target.key},
-            "data": {
-                **split.info,
-                "train_features": train_fs.meta,
-                "val_features": val_fs.meta if val_fs else None,
-            },
-            "drafter": _plain(drafter),
-            "draft_vocab_coverage": coverage,
-            "trainer": trainer_cfg,
-            "seed": seed,
-            "key": key,
-            "resumed": resume is not None,
-            "global_step": pl_trainer.global_step,
-            # Seconds of this process; a resumed run's earlier part is not included.
-            "train_seconds": round(secs, 1),
-            "train_tokens_per_s": None
-            if resume
-            else round(train_fs.tokens * epochs / max(secs, 1e-9), 1),
-            "final_metrics": {k: float(v) for k, v in pl_trainer.callback_metrics.items()},
-            # Process RSS (CPU) or torch-allocated memory (GPU) while fitting.
-            "peak_memory": mem.as_dict(),
-        }
+    return _Fit(pl_trainer, time.perf_counter() - t0, mem, resume is not None)
+
+
+def _publish(
+    job: _Job,
+    head: DraftHead,
+    fit: _Fit,
+    train_fs: FeatureSet,
+    val_fs: FeatureSet | None,
+    coverage: float,
+) -> None:
+    """Write the cache entry (head + metadata + metrics.csv) atomically; drop the work dir."""
+    with atomic_dir(job.out) as tmp:
+        meta = _meta(job, fit, train_fs, val_fs, coverage)
         head.eval()
         save_head(head, tmp, meta)
-        if (work / "metrics.csv").is_file():
-            shutil.copy(work / "metrics.csv", tmp / "metrics.csv")
-    shutil.rmtree(work, ignore_errors=True)
-    log.info("trained %s in %.0f s: %s", out.name, secs, json.dumps(meta["final_metrics"]))
+        if (job.work / "metrics.csv").is_file():
+            shutil.copy(job.work / "metrics.csv", tmp / "metrics.csv")
+    shutil.rmtree(job.work, ignore_errors=True)
+    log.info("trained %s in %.0f s: %s", job.out.name, fit.seconds,
+             json.dumps(meta["final_metrics"]))  # fmt: skip
+
+
+def _meta(
+    job: _Job, fit: _Fit, train_fs: FeatureSet, val_fs: FeatureSet | None, coverage: float
+) -> dict:
+    target, pl_trainer, secs = job.target, fit.trainer, fit.seconds
+    epochs = pl_trainer.current_epoch
+    return {
+        "target": {"name": target.name, "key": target.key},
+        "data": {
+            **job.split.info,
+            "train_features": train_fs.meta,
+            "val_features": val_fs.meta if val_fs else None,
+        },
+        "drafter": _plain(job.drafter),
+        "draft_vocab_coverage": coverage,
+        "trainer": _weight_settings(job.trainer),
+        "seed": job.seed,
+        "key": job.key,
+        "resumed": fit.resumed,
+        "global_step": pl_trainer.global_step,
+        # Seconds of this process; a resumed run's earlier part is not included.
+        "train_seconds": round(secs, 1),
+        "train_tokens_per_s": None
+        if fit.resumed
+        else round(train_fs.tokens * epochs / max(secs, 1e-9), 1),
+        "final_metrics": {k: float(v) for k, v in pl_trainer.callback_metrics.items()},
+        # Process RSS (CPU) or torch-allocated memory (GPU) while fitting.
+        "peak_memory": fit.memory.as_dict(),
+    }
