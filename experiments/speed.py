@@ -5,7 +5,7 @@ prompts in one process (issue 7):
   (c) our vanilla decoding                              (d) ours, speculative: single, confidence,
                                                             merged trees
 
-    python experiments/speed.py [hydra overrides ...]   # defaults: conf/experiment/speed.yaml
+    python experiments/speed.py [hydra overrides ...]   # conf/speed.yaml: experiment=speed
     python experiments/speed.py bench.limit=3 max_new_tokens=64 'speed.methods=[ours_vanilla,single]'
 
 Prints and writes (outputs/speed/<stamp>/: results.json, results.md, speed.png, and an offline
@@ -18,41 +18,30 @@ the measured cost of one vanilla step, one tree draft and one verification.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from taps.combine import build_proposer  # noqa: E402
-from taps.engine.decoder import SpeculativeDecoder  # noqa: E402
-from taps.engine.drafting import TreeSpec  # noqa: E402
-from taps.models.draft_head import with_full_vocab  # noqa: E402
-from taps.models.precision import cast_for_serving  # noqa: E402
-from taps.models.target import Target, convert_gguf, smollm2_gguf_path  # noqa: E402
-from taps.paths import atomic_write_text  # noqa: E402
-from taps.report.figures import save_figure  # noqa: E402
-from taps.run import drafter_data  # noqa: E402
-from taps.study import speed  # noqa: E402
-from taps.training.train import ensure_drafter  # noqa: E402
+from taps.combine import strategy
+from taps.config import CONF_DIR, compose_option
+from taps.data.drafters import drafter_data
+from taps.engine.decoder import SpeculativeDecoder
+from taps.models.draft_head import DraftHead, with_full_vocab
+from taps.models.precision import cast_for_serving
+from taps.models.target import Target, convert_gguf, smollm2_gguf_path
+from taps.paths import atomic_write_text
+from taps.report.figures import plt, save_figure
+from taps.study import speed
+from taps.training.train import build_callbacks, ensure_drafter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-# Speculative methods: config name -> (strategy, options, drafters: single or every component).
-STRATEGIES = {
-    "single": ("single", {}, "one"),
-    "single_full_vocab": ("single", {}, "one"),  # the same head without its draft vocabulary
-    "confidence": ("confidence", {}, "all"),
-    "merged_matched": ("merged_tree", {"budget": "matched"}, "all"),
-    "merged_full": ("merged_tree", {"budget": "full"}, "all"),
-}
 HF = ("hf_generate", "hf_prompt_lookup")
 
 
@@ -63,16 +52,15 @@ def hf_model(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> PreTr
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
-def load_heads(cfg: DictConfig, target: Target, wanted: list[str]) -> dict:
+def load_heads(cfg: DictConfig, target: Target, everyone: bool) -> dict[str, DraftHead]:
     """The drafters the requested strategies need: the `speed.single` component alone, or
     every component of the data mixture (trained if missing, cached by content)."""
-    everyone = any(STRATEGIES[m][2] == "all" for m in wanted)
     heads = {}
-    for data in drafter_data(OmegaConf.merge(cfg, {"routing": {"name": "confidence"}})):
+    for data in drafter_data(cfg.data, cfg.drafters, combines=True):
         if everyone or str(data.name) == str(cfg.speed.single):
             heads[str(data.name)] = ensure_drafter(
                 target, cfg.drafter, data, cfg.trainer, cfg.paths.cache_dir, cfg.paths.data_dir,
-                cfg.seed)[0]  # fmt: skip
+                cfg.seed, callbacks=build_callbacks(cfg.get("callbacks")))[0]  # fmt: skip
     if str(cfg.speed.single) not in heads:
         raise ValueError(
             f"speed.single={cfg.speed.single}: not a component of data={cfg.data.name}"
@@ -81,27 +69,27 @@ def load_heads(cfg: DictConfig, target: Target, wanted: list[str]) -> dict:
 
 
 def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
-    """Our methods named in speed.methods (vanilla, speculative strategies) and the decoders."""
-    names = list(cfg.speed.methods)
-    unknown = [m for m in names if m not in (*HF, "ours_vanilla", *STRATEGIES)]
+    """Our methods named in speed.methods (vanilla, speculative strategies) and the decoders;
+    each speculative method decodes with the routing config speed.strategies names."""
+    names, known = list(cfg.speed.methods), dict(cfg.speed.strategies)
+    unknown = [m for m in names if m not in (*HF, speed.VANILLA, *known)]
     if unknown:
         raise ValueError(f"speed.methods: unknown {unknown}; known: "
-                         f"{[*HF, 'ours_vanilla', *STRATEGIES]}")  # fmt: skip
-    temp = float(cfg.temperature)
-    spec = TreeSpec(cfg.tree.top_k, cfg.tree.depth, cfg.tree.total_tokens)
-    wanted = [m for m in names if m in STRATEGIES]
-    heads = load_heads(cfg, target, wanted) if wanted else {}
+                         f"{[*HF, speed.VANILLA, *known]}")  # fmt: skip
+    spec = instantiate(cfg.tree)
+    wanted = {m: strategy(instantiate(compose_option("routing", known[m])))
+              for m in names if m in known}  # fmt: skip
+    heads = load_heads(cfg, target, any(s.combines for s in wanted.values())) if wanted else {}
     decoders = {}
-    for m in wanted:
-        strategy, options, who = STRATEGIES[m]
-        use = [heads[str(cfg.speed.single)]] if who == "one" else list(heads.values())
+    for m, combine in wanted.items():
+        use = list(heads.values()) if combine.combines else [heads[str(cfg.speed.single)]]
         if m == "single_full_vocab":
             use = [with_full_vocab(use[0])]
-        proposer = build_proposer(strategy, use, spec, **options)
         decoders[f"ours_spec_{m}"] = SpeculativeDecoder(
-            target.model, proposer, target.eos_ids, lazy_logits_from=cfg.eval.lazy_logits_from
-        )
-    methods = speed.our_methods(target.model, decoders, target.eos_ids, temp)
+            target.model, combine(use, spec), target.eos_ids,
+            lazy_logits_from=cfg.eval.lazy_logits_from,
+        )  # fmt: skip
+    methods = speed.our_methods(target.model, decoders, target.eos_ids, float(cfg.temperature))
     return {k: v for k, v in methods.items() if k.removeprefix("ours_spec_") in names}, decoders
 
 
@@ -154,21 +142,18 @@ def plot(summary: dict, path: Path) -> Path:
     return path
 
 
-def main(overrides: list[str]) -> dict:
-    cfg, out_dir = speed.compose_experiment("speed", overrides)
+def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
+    """Every method of speed.methods on the same prompts; writes results.json, .md, .png."""
     torch.manual_seed(cfg.seed)
     target = instantiate(cfg.target)
     methods, decoders = build_methods(cfg, target)  # trains missing drafters first
-    heads = [
-        x.head for d in decoders.values() for x in getattr(d.proposer, "drafters", [d.proposer])
-    ]
+    heads = [h for d in decoders.values() for h in d.proposer.heads]
     cast_for_serving(cfg.eval.get("dtype"), target.model, heads)
     dev, dtype = target.device, target.model.lm_head.weight.dtype
     if any(m in HF for m in cfg.speed.methods):
         hf = speed.hf_methods(hf_model(cfg, dtype, dev), target.tokenizer.eos_token_id,
                               float(cfg.temperature), int(cfg.speed.prompt_lookup))  # fmt: skip
         methods = {**{k: v for k, v in hf.items() if k in cfg.speed.methods}, **methods}
-    bench = cfg.bench.benchmarks[0]
     questions, prompts = speed.first_turns(cfg, target.tokenizer)
 
     def show(i: int, rec: dict) -> None:
@@ -179,9 +164,9 @@ def main(overrides: list[str]) -> dict:
 
     records = speed.measure(prompts, methods, int(cfg.max_new_tokens), int(cfg.seed), dev,
                             int(cfg.speed.warmup_tokens), show)  # fmt: skip
-    summary = speed.summarise(records, float(cfg.temperature))
-    summary.update(bench=bench, threads=torch.get_num_threads(), device=str(dev),
-                   dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    summary = speed.speed_summary(records, float(cfg.temperature))
+    summary.update(bench=cfg.bench.benchmarks[0], threads=torch.get_num_threads(),
+                   device=str(dev), dtype=str(dtype).removeprefix("torch."))  # fmt: skip
     summary["unit_costs"] = {}
     for n, d in decoders.items():
         c = speed.unit_costs(d, prompts[0])
@@ -195,24 +180,32 @@ def main(overrides: list[str]) -> dict:
               else cfg[k] for k in keys}  # fmt: skip
     doc = {"config": config, **summary, "records": records}
     atomic_write_text(out_dir / "results.json", json.dumps(doc, indent=2))
-    table = markdown(summary)
-    atomic_write_text(out_dir / "results.md", table)
-    png = plot(summary, out_dir / "speed.png")
-    logger = instantiate(OmegaConf.merge(cfg.logger, {"dir": str(out_dir)})
-                         if "dir" in cfg.logger else cfg.logger)  # fmt: skip
-    logger.start({**config, "experiment": "speed"})
-    cols = ["method", "tokens_per_s", "vs_hf_generate", "vs_ours_vanilla", "tau"]
-    logger.log_table("speed", cols, [[n, *(r.get(c) for c in cols[1:])]
-                                     for n, r in summary["methods"].items()])  # fmt: skip
-    logger.log_image("speed", png)
-    logger.log_summary(
-        {f"tokens_per_s/{n}": r["tokens_per_s"] for n, r in summary["methods"].items()}
-    )
-    logger.finish()
-    print(table)
-    print(f"written: {out_dir / 'results.json'}, results.md, speed.png")
+    atomic_write_text(out_dir / "results.md", markdown(summary))
+    plot(summary, out_dir / "speed.png")
     return doc
 
 
+def track(cfg: DictConfig, doc: dict, out_dir: Path) -> None:
+    """The speed table and plot as an (offline) W&B run in the output directory."""
+    logger = instantiate(OmegaConf.merge(cfg.logger, {"dir": str(out_dir)})
+                         if "dir" in cfg.logger else cfg.logger)  # fmt: skip
+    logger.start({**doc["config"], "experiment": "speed"})
+    cols = ["method", "tokens_per_s", "vs_hf_generate", "vs_ours_vanilla", "tau"]
+    logger.log_table("speed", cols, [[n, *(r.get(c) for c in cols[1:])]
+                                     for n, r in doc["methods"].items()])  # fmt: skip
+    logger.log_image("speed", out_dir / "speed.png")
+    logger.log_summary({f"tokens_per_s/{n}": r["tokens_per_s"] for n, r in doc["methods"].items()})
+    logger.finish()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="speed", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    doc = measure_all(cfg, out_dir)
+    track(cfg, doc, out_dir)
+    print((out_dir / "results.md").read_text())
+    print(f"written: {out_dir / 'results.json'}, results.md, speed.png")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -2,7 +2,7 @@
 speculative decoding over top_k x depth x total_tokens, against our vanilla decoding, on the
 same prompts in one process (issue 7). The winner is what conf/tree/cpu.yaml should hold.
 
-    python experiments/tree_sweep.py [hydra overrides ...]  # defaults: experiment=tree_sweep
+    python experiments/tree_sweep.py [hydra overrides ...]  # conf/tree_sweep.yaml: experiment=tree_sweep
     python experiments/tree_sweep.py bench.limit=3 max_new_tokens=96 'sweep.top_k=[2,4]'
 
 Writes outputs/tree_sweep/<stamp>/: results.json, results.md and tree_sweep.png (speedup and
@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
-import matplotlib
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from taps.engine.decoder import SpeculativeDecoder  # noqa: E402
-from taps.engine.drafting import HeadDrafter, TreeSpec  # noqa: E402
-from taps.models.precision import cast_for_serving  # noqa: E402
-from taps.paths import atomic_write_text  # noqa: E402
-from taps.report.figures import save_figure  # noqa: E402
-from taps.run import drafter_data  # noqa: E402
-from taps.study import speed  # noqa: E402
-from taps.training.train import ensure_drafter  # noqa: E402
+from taps.config import CONF_DIR
+from taps.data.drafters import drafter_data
+from taps.engine.decoder import SpeculativeDecoder
+from taps.engine.drafting import HeadDrafter, TreeSpec
+from taps.models.precision import cast_for_serving
+from taps.paths import atomic_write_text
+from taps.report.figures import plt, save_figure
+from taps.study import speed
+from taps.training.train import build_callbacks, ensure_drafter
 
 
 def specs(sweep: DictConfig) -> list[TreeSpec]:
@@ -65,12 +63,13 @@ def plot(rows: dict, grid: list[TreeSpec], path: Path) -> Path:
     return path
 
 
-def main(overrides: list[str]) -> dict:
-    cfg, out_dir = speed.compose_experiment("tree_sweep", overrides)
+def sweep(cfg: DictConfig, out_dir: Path) -> dict:
+    """Decode the prompts with every tree of the grid; write results.json, .md and the plot."""
     target = instantiate(cfg.target)
-    (data,) = drafter_data(cfg)
+    (data,) = drafter_data(cfg.data, cfg.drafters)
     head = ensure_drafter(target, cfg.drafter, data, cfg.trainer, cfg.paths.cache_dir,
-                          cfg.paths.data_dir, cfg.seed)[0]  # fmt: skip
+                          cfg.paths.data_dir, cfg.seed,
+                          callbacks=build_callbacks(cfg.get("callbacks")))[0]  # fmt: skip
     cast_for_serving(cfg.eval.get("dtype"), target.model, [head])
     grid = specs(cfg.sweep)
     decoders = {
@@ -84,7 +83,7 @@ def main(overrides: list[str]) -> dict:
     records = speed.measure(prompts, methods, int(cfg.max_new_tokens), int(cfg.seed),
                             target.device, progress=lambda i, _: print(f"prompt {i + 1} done",
                                                                         flush=True))  # fmt: skip
-    summary = speed.summarise(records, temp)
+    summary = speed.speed_summary(records, temp)
     rows = {n.removeprefix("ours_spec_"): r for n, r in summary["methods"].items()}
     best = max((n for n in rows if n != "ours_vanilla"), key=lambda n: rows[n]["vs_ours_vanilla"])
     lines = ["| tree | top_k | depth | total | tau | tok/s | vs vanilla | ms/cycle draft | verify |",
@@ -108,5 +107,10 @@ def main(overrides: list[str]) -> dict:
     return doc
 
 
+@hydra.main(config_path=CONF_DIR, config_name="tree_sweep", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    sweep(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

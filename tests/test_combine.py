@@ -107,7 +107,7 @@ def test_average_unites_draft_vocabularies(tiny64):
 
 
 def test_build_proposer_rejects_unknown_options(tiny64):
-    with pytest.raises(ValueError, match="routing.budgte"):
+    with pytest.raises(TypeError, match="budgte"):
         build_proposer("merged_tree", heads(tiny64, 2), TreeSpec(3, 2, 10), budgte="matched")
     with pytest.raises(ValueError, match="routing.budget"):
         build_proposer("merged_tree", heads(tiny64, 2), TreeSpec(3, 2, 10), budget="half")

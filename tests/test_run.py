@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from taps.combine import strategy
 from taps.config import CONF_DIR
-from taps.run import drafter_data, run
+from taps.data.drafters import drafter_data
+from taps.engine.drafting import TreeSpec
+from taps.run import run
 
 TINY = [
     "target=tiny_random",
@@ -102,28 +106,63 @@ def test_tiny_run_writes_agreeing_results(tmp_path):
      ("entropy", "entropy"), ("merged_tree", "merged_tree(full)"),
      ("merged_tree_matched", "merged_tree(matched)")],
 )  # fmt: skip
-def test_routing_configs_compose(tmp_path, routing, label):
+def test_routing_configs_build_registered_strategies(tmp_path, routing, label):
     cfg = cfg_with([f"routing={routing}"], tmp_path)
-    assert cfg.routing.label == label
+    built = strategy(instantiate(cfg.routing))
+    assert built.label == label and built.name == label.split("(")[0]
+    assert built.combines == (routing != "single")
+
+
+def test_tree_configs_build_tree_specs(tmp_path):
+    for name, shape in (("chain", (1, 4, 6)), ("cpu", (4, 3, 8)), ("eagle2", (10, 5, 60))):
+        spec = instantiate(cfg_with([f"tree={name}"], tmp_path).tree)
+        assert isinstance(spec, TreeSpec) and spec.name == name
+        assert (spec.top_k, spec.depth, spec.total_tokens) == shape
+
+
+def test_misspelt_routing_or_tree_option_fails_naming_the_key(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="budgte"):
+        cfg_with(["routing=merged_tree", "routing.budgte=matched"], tmp_path)
+    cfg = cfg_with(["routing=merged_tree", "+routing.budgte=matched"], tmp_path)
+    with pytest.raises(TypeError, match="budgte"):
+        strategy(instantiate(cfg.routing))
+    cfg = cfg_with(["+tree.widht=3"], tmp_path)
+    with pytest.raises(InstantiationException, match="widht"):
+        instantiate(cfg.tree)
+    with pytest.raises(ValueError, match="not a registered strategy"):
+        strategy(instantiate({"_target_": "taps.combine.group.split_budget", "_partial_": True}))
 
 
 def test_component_drafters_follow_the_mixture(tmp_path):
     """data=mix routing=confidence: one drafter per component, each the drafter data=<name>
     would train (so the cache is shared), with the mixture's budget and max_len."""
     cfg = cfg_with(["routing=confidence", "data.budget=paper", "data.max_len=1024"], tmp_path)
-    comps = drafter_data(cfg)
+    comps = drafter_data(cfg.data, cfg.drafters, combines=True)
     assert [c.name for c in comps] == ["mathinstruct", "sharegpt"]
     assert all(c.budget == "paper" and c.max_len == 1024 for c in comps)
     assert comps[0].components[0].examples.paper == 70000  # the single-domain size, not 35k
     plain = cfg_with(["data=mathinstruct"], tmp_path)
-    assert drafter_data(cfg_with(["routing=confidence"], tmp_path))[0] == plain.data
-    with pytest.raises(ValueError, match="routing.drafters: no data config"):
-        drafter_data(cfg_with(["routing=confidence", "routing.drafters=[nosuch,sharegpt]"],
-                              tmp_path))  # fmt: skip
+    mixed = cfg_with([], tmp_path).data
+    assert drafter_data(mixed, None, combines=True)[0] == plain.data
+    assert drafter_data(mixed, None, combines=False) == [mixed]  # routing=single: data itself
+    with pytest.raises(ValueError, match="drafters: no config data=nosuch"):
+        drafter_data(mixed, ["nosuch", "sharegpt"], combines=True)
+
+
+def test_data_configs_share_their_base_through_defaults(tmp_path):
+    """Every data option composes conf/data/_base.yaml; its own keys win."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(Path(CONF_DIR) / "data" / "_base.yaml")
+    for name in ("mathinstruct", "sharegpt", "mix", "mix_large"):
+        data = cfg_with([f"data={name}"], tmp_path).data
+        assert data.name == name and len(data.components) >= 1
+        assert all(data[k] == v for k, v in base.items())
+    assert cfg_with(["data=mix", "data.max_len=64"], tmp_path).data.max_len == 64
 
 
 TINY_DRAFTERS = (
-    "routing.drafters=[{name: m, components: [{source: mathinstruct, examples: 20}]},"
+    "drafters=[{name: m, components: [{source: mathinstruct, examples: 20}]},"
     " {name: s, components: [{source: sharegpt, examples: 6}]}]"
 )
 
@@ -142,6 +181,7 @@ def test_tiny_confidence_run_reports_routing(tmp_path):
     assert set(doc["drafters"]) == {"m", "s"} and doc["drafter"] is None
     for r in doc["rows"]:
         assert r["variant"] == "eagle2/mix/confidence" and r["drafters"] == ["m", "s"]
+        assert r["strategy"] == "confidence" and r["options"] == {}
         shares = r["routing_shares"]
         assert set(shares["cycles"]) == {"m", "s"}
         assert sum(shares["cycles"].values()) == pytest.approx(1, abs=1e-3)
@@ -156,12 +196,12 @@ def test_tiny_confidence_run_reports_routing(tmp_path):
 def test_sweep_jobs_share_the_target_but_not_its_serving_cast(tmp_path):
     import torch
 
-    from taps.run import load_target
+    from taps.models.target import shared_target
 
     cfg = cfg_with([*TINY, "logger=none"], tmp_path)
-    first = load_target(cfg)
-    assert load_target(cfg) is first  # the next job of a multirun reuses the loaded model
+    first = shared_target(cfg.target)
+    assert shared_target(cfg.target) is first  # the next job of a multirun reuses the model
     loaded = first.model.lm_head.weight.dtype
     first.model.to(torch.bfloat16)  # what eval.dtype=bfloat16 does to serve
-    again = load_target(cfg)
+    again = shared_target(cfg.target)
     assert again is not first and again.model.lm_head.weight.dtype == loaded

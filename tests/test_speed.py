@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 
+from taps.config import CONF_DIR
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.models.draft_head import DraftHead
@@ -44,7 +46,7 @@ def test_measure_and_summarise_on_a_tiny_target(tiny64):
         phases = r["ours_spec_single"]["phase_s"]
         assert {"prefill", "draft", "verify", "accept"} <= set(phases)
         assert sum(phases.values()) <= r["ours_spec_single"]["s"] + 1e-3
-    s = speed.summarise(records, 0.0)
+    s = speed.speed_summary(records, 0.0)
     van, spec = s["methods"]["ours_vanilla"], s["methods"]["ours_spec_single"]
     assert van["vs_ours_vanilla"] == 1.0 and "tau" not in van
     assert spec["tau"] >= 1.0 and set(spec["ms_per_cycle"]) >= {"draft", "verify", "accept"}
@@ -61,7 +63,7 @@ def test_summarise_medians_of_per_prompt_ratios():
             "ours_vanilla": {"tokens": [1] * 10, "s": b_s, "tau": None, "memory": mem},
         }
 
-    s = speed.summarise([rec(1.0, 0.5), rec(2.0, 0.5), rec(1.0, 1.0)], 0.0)["methods"]
+    s = speed.speed_summary([rec(1.0, 0.5), rec(2.0, 0.5), rec(1.0, 1.0)], 0.0)["methods"]
     # per prompt: vanilla is 2x, 4x and 1x as fast as generate -> median 2x
     assert s["ours_vanilla"]["vs_hf_generate"] == 2.0
     assert s["ours_vanilla"]["identical_to_hf_generate"] == 3
@@ -69,12 +71,18 @@ def test_summarise_medians_of_per_prompt_ratios():
 
 
 def test_speed_presets_compose():
-    cfg, out = speed.compose_experiment("speed", ["paths.output_dir=/tmp/taps-test-speed"])
+    """The scripts' primary configs: the main config with their experiment preset, a run dir
+    of their own, and every speculative method naming a routing config."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("speed", return_hydra_config=True)
+        sweep = compose("tree_sweep", return_hydra_config=True)
     assert cfg.tree.name == "cpu" and cfg.bench.benchmarks == ["gsm8k"]
     assert cfg.speed.methods[:3] == ["hf_generate", "hf_prompt_lookup", "ours_vanilla"]
-    assert out.is_dir() and out.parent.name == "speed"
-    cfg, _ = speed.compose_experiment("tree_sweep", ["paths.output_dir=/tmp/taps-test-speed"])
-    assert cfg.data.name == "mathinstruct" and list(cfg.sweep.total_tokens)
+    assert "/speed/" in cfg.hydra.run.dir
+    routing = Path(CONF_DIR) / "routing"
+    assert all((routing / f"{r}.yaml").is_file() for r in cfg.speed.strategies.values())
+    assert sweep.data.name == "mathinstruct" and list(sweep.sweep.total_tokens)
+    assert "/tree_sweep/" in sweep.hydra.run.dir
 
 
 def test_experiment_scripts_answer_help():

@@ -1,45 +1,78 @@
 """Strategies that turn one or more draft heads into a `Proposer` for the shared engine.
 
-Each strategy is a module with `build(heads, spec, **options)`; `routing=<name>` selects it and
-the routing config's other keys (except `label` and `drafters`) are its options."""
+Each strategy is one module with `build(heads, spec, **options)`, registered in STRATEGIES.
+conf/routing/<option>.yaml targets a `build` with `_partial_: true`: Hydra binds the options
+(an unknown one fails naming the key), the run supplies the heads and the tree later."""
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from taps.combine import average, confidence, entropy, merged
+from taps.combine import average, confidence, entropy, merged, single
 from taps.engine.decoder import Proposer
-from taps.engine.drafting import HeadDrafter, TreeSpec
+from taps.engine.drafting import TreeSpec
 from taps.models.draft_head import DraftHead
 
-
-def _single(heads: list[DraftHead], spec: TreeSpec) -> HeadDrafter:
-    if len(heads) != 1:
-        raise ValueError(f"routing=single takes exactly one drafter, got {len(heads)}")
-    return HeadDrafter(heads[0], spec)
-
-
-BUILDERS = {
-    "single": _single,
+Build = Callable[..., Proposer]
+STRATEGIES: dict[str, Build] = {
+    "single": single.build,
     "average": average.build,
     "confidence": confidence.build,
     "entropy": entropy.build,
     "merged_tree": merged.build,
 }
-STRATEGIES = tuple(BUILDERS)
+# The option that tells a strategy's variants apart in display labels: average(0.5).
+_LABEL_OPTION = {"average": "alpha", "merged_tree": "budget"}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered strategy with its options bound: call it with the heads and the tree."""
+
+    name: str
+    options: dict
+    build: Build
+
+    @property
+    def combines(self) -> bool:
+        """True for strategies of several drafters (one per mixture component by default)."""
+        return self.name != "single"
+
+    @property
+    def label(self) -> str:
+        key = _LABEL_OPTION.get(self.name)
+        return self.name if key is None else f"{self.name}({self.options.get(key)})"
+
+    def __call__(self, heads: list[DraftHead], spec: TreeSpec) -> Proposer:
+        return self.build(heads, spec, **self.options)
+
+
+def strategy(factory: Callable[..., Proposer]) -> Strategy:
+    """The Strategy a routing config instantiated to (a partial of a registered `build`)."""
+    func = factory.func if isinstance(factory, functools.partial) else factory
+    options = dict(factory.keywords) if isinstance(factory, functools.partial) else {}
+    if isinstance(factory, functools.partial) and factory.args:
+        raise ValueError(f"routing: {func.__module__} takes options by name, got {factory.args}")
+    names = {f: n for n, f in STRATEGIES.items()}
+    if func not in names:
+        raise ValueError(
+            f"routing._target_={func.__module__}.{func.__qualname__} is not a registered "
+            f"strategy; register it in taps/combine/__init__.py (known: {list(STRATEGIES)})"
+        )
+    try:  # a misspelt option fails here, before any drafter is trained, not at the first call
+        inspect.signature(func).bind_partial(None, None, **options)
+    except TypeError as e:
+        raise TypeError(f"routing={names[func]}: {e} (options: {sorted(options)})") from None
+    return Strategy(names[func], options, func)
 
 
 def build_proposer(
-    routing: str, heads: list[DraftHead], spec: TreeSpec, **options: object
+    name: str, heads: list[DraftHead], spec: TreeSpec, **options: object
 ) -> Proposer:
-    if routing not in BUILDERS:
-        raise ValueError(f"routing={routing!r} is not implemented; choose one of {STRATEGIES}")
-    build = BUILDERS[routing]
-    known = set(inspect.signature(build).parameters) - {"heads", "spec"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(
-            f"routing={routing} has no option(s) {', '.join(f'routing.{k}' for k in unknown)}; "
-            f"it takes {sorted(known) or 'none'}"
-        )
-    return build(heads, spec, **options)
+    """For code without a config: STRATEGIES[name] with its options (unknown: TypeError)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"routing={name!r} is not implemented; choose one of {list(STRATEGIES)}")
+    return STRATEGIES[name](heads, spec, **options)

@@ -19,7 +19,7 @@ def split_budget(spec: TreeSpec, n: int) -> list[TreeSpec]:
     if draft < n:
         raise ValueError(f"routing.budget=matched: {draft} draft tokens cannot feed {n} drafters")
     shares = [draft // n + (i < draft % n) for i in range(n)]
-    return [TreeSpec(spec.top_k, spec.depth, s + 1) for s in shares]
+    return [TreeSpec(spec.top_k, spec.depth, s + 1, spec.name) for s in shares]
 
 
 class DrafterGroup:
@@ -31,10 +31,14 @@ class DrafterGroup:
         if len(drafters) < 2:
             raise ValueError(
                 f"{type(self).__name__} combines drafters: got {len(drafters)}; name two or "
-                "more with data=<mixture> or routing.drafters=[...]"
+                "more with data=<mixture> or drafters=[...]"
             )
         self.drafters = drafters
         self.max_tree = max(d.max_tree for d in drafters)
+
+    @property
+    def heads(self) -> list[DraftHead]:
+        return [h for d in self.drafters for h in d.heads]
 
     def start(self, features: Tensor, next_tokens: Tensor, max_len: int) -> None:
         for d in self.drafters:

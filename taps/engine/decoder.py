@@ -15,6 +15,7 @@ from torch import Tensor
 from taps.engine.stats import CycleStats, Generation
 from taps.engine.tree import DraftTree, verification_inputs
 from taps.engine.verify import NodeLogits, accept_greedy, accept_sampling, target_probs
+from taps.models.draft_head import DraftHead
 from taps.models.linear import fast_linear
 from taps.models.llama import Llama
 
@@ -30,6 +31,10 @@ class Proposer(Protocol):
 
     def commit(self, features: Tensor, next_tokens: Tensor) -> None:
         """Catch up on the accepted path's features and the tokens that followed them."""
+
+    @property
+    def heads(self) -> list[DraftHead]:
+        """The draft heads it drafts with, in order (cast for serving, exported, counted)."""
 
 
 def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
@@ -68,16 +73,14 @@ def check_context(target: Llama, prompt_len: int, max_new_tokens: int, what: str
 
 
 class _Phases:
-    """Wall time per phase of the loop. On a GPU it synchronises first, else kernels still in
-    flight would be billed to whichever phase happens to wait for them."""
+    """Wall time per phase of the loop. No device synchronisation: on a GPU, kernels still in
+    flight are billed to whichever phase waits for them (synchronising would slow decoding)."""
 
-    def __init__(self, out: dict[str, float], device: torch.device) -> None:
-        self.out, self.sync = out, device.type == "cuda"
+    def __init__(self, out: dict[str, float]) -> None:
+        self.out = out
         self.t = time.perf_counter()
 
     def __call__(self, phase: str) -> None:
-        if self.sync:
-            torch.cuda.synchronize()
         now = time.perf_counter()
         self.out[phase] = self.out.get(phase, 0.0) + now - self.t
         self.t = now
@@ -89,13 +92,11 @@ class SpeculativeDecoder:
         target: Llama,
         proposer: Proposer,
         eos_ids: set[int],
-        profile: bool = False,
         lazy_logits_from: int | None = None,
     ) -> None:
         self.target = target
         self.proposer = proposer
         self.eos_ids = eos_ids
-        self.profile = profile  # GPU: synchronise per phase for exact phase times
         # Trees of at least this many tokens get target logits only at the nodes acceptance
         # visits (one LM-head call per level it walks); smaller ones get all rows in one call.
         # Where matmuls are bandwidth-bound (CPU, few rows) one call is cheaper; where they
@@ -120,7 +121,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         dev = self.target.lm_head.weight.device
         gen = Generation(tokens=[], target_forwards=1, wall_time_s=0.0)
-        tick = _Phases(gen.phase_s, dev if self.profile else torch.device("cpu"))
+        tick = _Phases(gen.phase_s)
         max_len = len(prompt) + max_new_tokens + 1
         cache = self.target.new_cache(max_len + self.proposer.max_tree)
         ids = torch.tensor([prompt], device=dev)

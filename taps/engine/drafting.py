@@ -21,14 +21,11 @@ class TreeSpec:
     top_k: int = 10
     depth: int = 5  # expansion rounds after the first layer: depth + 1 draft layers
     total_tokens: int = 60  # root included
+    name: str = "custom"  # the conf/tree/ option it came from, for result rows
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.depth < 0 or self.total_tokens < 2:
             raise ValueError(f"tree: need top_k >= 1, depth >= 0, total_tokens >= 2; got {self}")
-
-    @property
-    def max_nodes(self) -> int:
-        return self.total_tokens
 
 
 def _entropy(logp: Tensor) -> Tensor:
@@ -49,6 +46,10 @@ class HeadDrafter:
         self.last_g: Tensor | None = None
         self.root: int | None = None
         self.max_tree = spec.total_tokens
+
+    @property
+    def heads(self) -> list[DraftHead]:
+        return [self.head]
 
     @property
     def device(self) -> torch.device:

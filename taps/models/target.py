@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from taps.models.llama import Llama
@@ -237,3 +239,19 @@ def tiny_random(
     model.requires_grad_(False)
     key = content_key("tiny", vocab_size, hidden_size, layers, heads, kv_heads, seed)
     return Target(model=model, tokenizer=tok, name="tiny-random", key=key)
+
+
+_LOADED: dict[str, tuple[Target, torch.dtype]] = {}  # config key -> (target, dtype as loaded)
+
+
+def shared_target(cfg: DictConfig) -> Target:
+    """The target a `target` config node builds, loaded once per process. A multirun's jobs
+    share one process (basic launcher), so they share the model; a job that cast it to another
+    eval.dtype for serving makes the next job load it afresh (casting back would not restore
+    it)."""
+    memo = content_key(OmegaConf.to_container(cfg, resolve=True))
+    target, dtype = _LOADED.get(memo, (None, None))
+    if target is None or target.model.lm_head.weight.dtype != dtype:
+        target = instantiate(cfg)
+        _LOADED[memo] = (target, target.model.lm_head.weight.dtype)
+    return target

@@ -17,11 +17,13 @@ from taps.paths import atomic_write_text  # noqa: E402
 from taps.report.figures import save_figure  # noqa: E402
 from taps.report.routing import routing_plot  # noqa: E402
 
-SCHEMA_VERSION = 1
+# 2: rows carry `strategy` and its `options` (1: only the display label `routing`).
+SCHEMA_VERSION = 2
 # Scalar columns of the CSV and Markdown grids, in order.
 COLUMNS = [
     "variant",
     "routing",
+    "strategy",
     "drafter",
     "data",
     "tree",
@@ -190,6 +192,25 @@ def result_paths(run_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+TAU_DEFINITION = (
+    "new tokens / target forwards, prefill included, over all turns of a benchmark (token-weighted)"
+)
+
+
+def run_meta(
+    target: str, names: list[str], drafters: list[dict], max_new_tokens: int, config: dict
+) -> dict:
+    """results.json's header: the target, each drafter's metadata by name, the resolved config."""
+    return {
+        "target": target,
+        "drafter": drafters[0] if len(drafters) == 1 else None,
+        "drafters": dict(zip(names, drafters, strict=True)),
+        "max_new_tokens": max_new_tokens,
+        "tau_definition": TAU_DEFINITION,
+        "config": config,
+    }
+
+
 def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str, Path]:
     run_dir = Path(run_dir)
     paths = {**result_paths(run_dir), "routing": run_dir / "routing_shares.png"}
@@ -202,3 +223,25 @@ def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str
     if not routing_plot(rows, paths["routing"]):
         del paths["routing"]
     return paths
+
+
+def unchanged(run_dir: str | Path, rows: list[dict]) -> bool:
+    """The run dir already holds exactly these rows and every file derived from them (a re-run
+    with every cell cached: nothing to write or log)."""
+    try:
+        old = json.loads((Path(run_dir) / "results.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return False
+    same = json.dumps(old, sort_keys=True, default=str) == json.dumps(
+        rows, sort_keys=True, default=str
+    )
+    return same and all(p.is_file() for k, p in result_paths(run_dir).items() if k != "routing")
+
+
+def describe(paths: dict[str, Path]) -> str:
+    """Where a run's files are, then its Markdown table: what `python -m taps.run` prints."""
+    lines = [f"routing shares: {paths['routing']}"] if "routing" in paths else []
+    lines += ["", f"results: {paths['json']}", f"  table: {paths['md']}",
+              f"  csv:   {paths['csv']}", f"  plots: {paths['heatmap']}",
+              f"         {paths['depth']}"]  # fmt: skip
+    return "\n".join(lines) + "\n" + Path(paths["md"]).read_text()

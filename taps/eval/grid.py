@@ -1,0 +1,118 @@
+"""The benchmark x temperature grid of one decoder: each cell is decoded (or read from the cell
+cache, taps/eval/cells.py) and summarised as one result row, labelled with the variant."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from taps.combine import Strategy
+from taps.data.benchmarks import BenchPrompt, load_benchmark
+from taps.engine.decoder import SpeculativeDecoder
+from taps.engine.drafting import TreeSpec
+from taps.eval.cells import cell_key, load_cell, store_cell
+from taps.eval.evaluate import run_bench, summarise
+from taps.models.target import Target
+from taps.paths import content_key
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("taps.eval")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How every cell of a grid is decoded; all of it enters the cell key."""
+
+    max_new_tokens: int
+    top_p: float = 1.0
+    seed: int = 0
+    verify_lossless: bool = False
+    near_tie: float = 1e-3
+    record_nodes: bool = True
+
+
+def temperatures(value: float | Sequence[float]) -> list[float]:
+    """`temperature` is one value or a list (both temperatures in one grid)."""
+    many = isinstance(value, Sequence) and not isinstance(value, str)
+    return [float(x) for x in value] if many else [float(value)]
+
+
+def load_prompts(
+    benchmarks: Sequence[str], data_dir: str, limit: int | None, path: str | None = None
+) -> dict[str, list[BenchPrompt]]:
+    """Every benchmark's prompts, read before anything is trained or decoded."""
+    return {b: load_benchmark(b, data_dir, limit, path) for b in benchmarks}
+
+
+def variant_labels(
+    drafter: str, data: str, drafters: list[str], combine: Strategy, tree: str
+) -> dict[str, Any]:
+    """The fields that say which variant a row belongs to. `variant` and `routing` (the
+    strategy's label) are for display; code selects rows by `strategy`, `options`, `drafter`
+    and `data`."""
+    data_name = drafters[0] if len(drafters) == 1 else data
+    variant = f"{drafter}/{data_name}" + (f"/{combine.label}" if combine.combines else "")
+    return {"variant": variant, "routing": combine.label, "strategy": combine.name,
+            "options": combine.options, "drafter": drafter, "data": data_name,
+            "drafters": drafters, "tree": tree}  # fmt: skip
+
+
+def cell_parts(
+    target: Target, drafters: list[dict], combine: Strategy, spec: TreeSpec,
+    decoding: Decoding, eval_settings: dict,
+) -> dict[str, Any]:  # fmt: skip
+    """What a cell's row depends on besides its benchmark, temperature and prompts (the cell
+    key adds those and the code). `drafters`: each head's metadata (a published head without a
+    cache key is named by the digest of its metadata)."""
+    return {
+        "target": target.key,
+        "drafters": [m.get("key") or content_key(m) for m in drafters],
+        "routing": combine.name,
+        "options": combine.options,
+        "tree": [spec.top_k, spec.depth, spec.total_tokens],
+        "max_new_tokens": decoding.max_new_tokens,
+        "top_p": decoding.top_p,
+        "seed": decoding.seed,
+        "dtype": str(target.model.lm_head.weight.dtype),
+        "eval": eval_settings,
+    }
+
+
+def evaluate_grid(
+    decoder: SpeculativeDecoder,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: dict[str, list[BenchPrompt]],
+    temps: list[float],
+    decoding: Decoding,
+    cache_dir: str,
+    parts: dict[str, Any],
+    labels: dict[str, Any],
+    max_depth: int,
+) -> tuple[list[dict], int]:
+    """(one row per temperature x benchmark, cells decoded); cached cells are not decoded.
+    `max_depth`: the deepest draft depth a tree reaches, for acceptance by depth."""
+    rows, decoded = [], 0
+    settings = {k: v for k, v in asdict(decoding).items() if k != "max_new_tokens"}
+    for temp in temps:
+        for bench, qs in prompts.items():
+            cell = {**parts, "bench": bench, "temperature": temp,
+                    "prompts": [[q.question_id, q.turns] for q in qs]}  # fmt: skip
+            key = cell_key(**cell)
+            summary = load_cell(cache_dir, key)
+            cached = summary is not None
+            if not cached:
+                run = run_bench(decoder, tokenizer, bench, qs, decoding.max_new_tokens, temp,
+                                **settings)  # fmt: skip
+                summary = summarise(run, max_depth, labels["drafters"])
+                store_cell(cache_dir, key, summary, cell)
+                decoded += 1
+            row = {**labels, **summary, "cell": key}
+            log.info("%s %s T=%g: tau %.3f (%d turns, %.1f tok/s)%s", row["variant"], bench,
+                     temp, row["tau"], row["turns"], row["tokens_per_s"],
+                     " [cached]" if cached else "")  # fmt: skip
+            rows.append(row)
+    return rows, decoded
