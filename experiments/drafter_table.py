@@ -7,9 +7,9 @@ Reads every results.json below the given directories (a multirun's jobs or singl
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+
+from taps.report.rows import results_files, rows_of
 
 
 def _stderr(values: list[float]) -> float | None:
@@ -23,32 +23,31 @@ def _stderr(values: list[float]) -> float | None:
 
 def rows(paths: list[str]) -> list[dict]:
     out = []
-    for p in paths:
-        for f in sorted(Path(p).rglob("results.json")):
-            res = json.loads(f.read_text())
-            meta = res["drafter"]
-            if meta is None:  # a combination of several drafters: see combination_table.py
-                continue
-            data = meta.get("data", {})
-            fm = meta.get("final_metrics", {})
-            row = {
-                "drafter": meta["drafter"]["name"],
-                "data": res["rows"][0]["data"],
-                "regenerate": "regenerated" in data,
-                "draft_vocab": meta.get("draft_vocab"),
-                "train_tokens": data.get("train_features", {}).get("tokens"),
-                "features_s": data.get("train_features", {}).get("seconds"),
-                "train_s": meta.get("train_seconds"),
-                "top1_d1": fm.get("val/top1_d1", fm.get("val/top1")),
-                "sim_tau": fm.get("val/sim_tau"),
-                "run": str(f.parent),
-            }
-            for r in res["rows"]:
-                row[f"tau {r['bench']}"] = r["tau"]
-                per_q = list((r.get("tau_per_question") or {}).values())
-                row[f"+- {r['bench']}"] = _stderr(per_q)
-                row[f"tok/s {r['bench']}"] = r.get("tokens_per_s")
-            out.append(row)
+    for f, res in results_files(*paths):
+        meta = res["drafter"]
+        if meta is None:  # a combination of several drafters: see combination_table.py
+            continue
+        found = rows_of(res, f)
+        data = meta.get("data", {})
+        fm = meta.get("final_metrics", {})
+        row = {
+            "drafter": meta["drafter"]["name"],
+            "data": found[0]["data"],
+            "regenerate": "regenerated" in data,
+            "draft_vocab": meta.get("draft_vocab"),
+            "train_tokens": data.get("train_features", {}).get("tokens"),
+            "features_s": data.get("train_features", {}).get("seconds"),
+            "train_s": meta.get("train_seconds"),
+            "top1_d1": fm.get("val/top1_d1", fm.get("val/top1")),
+            "sim_tau": fm.get("val/sim_tau"),
+            "run": str(f.parent),
+        }
+        for r in found:
+            row[f"tau {r['bench']}"] = r["tau"]
+            per_q = list((r.get("tau_per_question") or {}).values())
+            row[f"+- {r['bench']}"] = _stderr(per_q)
+            row[f"tok/s {r['bench']}"] = r.get("tokens_per_s")
+        out.append(row)
     return out
 
 

@@ -33,7 +33,7 @@ from taps.paths import (
     hash_source_files,
 )
 from taps.study.dashboards import log_study
-from taps.study.paper import STUDIES, load_rows, write_report
+from taps.study.paper import STUDIES, study_rows, write_report
 
 
 def _count(path: Path, pattern: str) -> int:
@@ -60,7 +60,7 @@ def up_to_date(study_dir: Path, stamp: str, cache: Path) -> bool:
         return False
     if done.get("fingerprint") != stamp:
         return False
-    cells = [r.get("cell") for r in load_rows(study_dir.parent.parent, study_dir.name)]
+    cells = [r.get("cell") for r in study_rows(study_dir.parent.parent, study_dir.name)]
     return bool(cells) and all(c and (cache / "cells" / f"{c}.json").is_file() for c in cells)
 
 
@@ -107,7 +107,7 @@ def log_to_wandb(out: Path, studies: list[str], overrides: list[str]) -> None:
     if opts.get("logger", "wandb") != "wandb":
         return
     for study in studies:
-        where = log_study(study, load_rows(out, study), out, opts.get("logger.project", "taps"),
+        where = log_study(study, study_rows(out, study), out, opts.get("logger.project", "taps"),
                           opts.get("logger.mode", "offline"))  # fmt: skip
         if where:
             print(f"W&B {study}: {Path(where).parent}")

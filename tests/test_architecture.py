@@ -132,7 +132,7 @@ def test_the_entry_point_is_a_short_composition_root():
 def test_experiment_scripts_use_the_library_not_the_entry_point():
     for script in sorted((ROOT / "experiments").rglob("*.py")):
         tree = ast.parse(script.read_text())
-        used = {
-            n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-        } | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        used = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+        }
         assert "taps.run" not in used, f"{script.name} imports taps.run"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -21,7 +22,10 @@ from hydra.utils import instantiate
 from taps.config import CONF_DIR
 from taps.eval.cells import cell_key, load_cell, store_cell
 from taps.eval.intervals import mean_difference_ci
-from taps.study.paper import BENCHES, STUDIES
+from taps.report.rows import load_rows, rows_of
+from taps.study.findings import Comparison, grade, grade_all
+from taps.study.paper import STUDIES
+from taps.study.variants import BENCHES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +127,8 @@ def test_paper_script_skips_only_what_is_up_to_date(tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out"
     study = out / "runs" / "depth"
     (study / "0").mkdir(parents=True)
-    (study / "0" / "results.json").write_text(json.dumps({"rows": [{"cell": "abc"}]}))
+    row = {"cell": "abc", "strategy": "single", "options": {}}
+    (study / "0" / "results.json").write_text(json.dumps({"schema_version": 2, "rows": [row]}))
     store_cell(cache, "abc", {"tau": 1.5}, {})
     stamp = paper.fingerprint(["bench.limit=2"], "")
     assert not paper.up_to_date(study, stamp, cache)  # never finished
@@ -178,21 +183,22 @@ def test_report_regenerates_from_stored_results(tmp_path):
 def test_report_tables_agree_with_the_results():
     """Every tau in the report's tables is the tau of the matching results.json row, and the
     average is the mean of the four benchmarks."""
-    from taps.study.paper import BENCHES, KINDS, VARIANTS, load_rows, pick
+    from taps.study.paper import study_rows
+    from taps.study.variants import KINDS, VARIANTS, select
 
-    studies = {s: load_rows(FIXTURE, s) for s in STUDIES}
+    studies = {s: study_rows(FIXTURE, s) for s in STUDIES}
     report = (FIXTURE / "report.md").read_text()
     checked = 0
-    for block in report.split("\n### ")[1:]:
+    for block in report.split("## Acceptance length tau")[1].split("\n### ")[1:]:
         head, *lines = block.splitlines()
         kind_name, temp = head.split(", T=")
         kind = next(k for k, v in KINDS.items() if v == kind_name)
         for line in lines:
             cells = [c.strip() for c in line.strip("|").split("|")]
-            variant = next((v for v in VARIANTS if v[0] == cells[0]), None)
+            variant = next((v for v in VARIANTS if v.title == cells[0]), None)
             if variant is None:
                 continue
-            rows = pick(studies[variant[1]], kind, float(temp), **variant[2])
+            rows = select(studies[variant.study], variant, kind, float(temp))
             taus = [rows[b]["tau"] for b in BENCHES]
             for b, cell, tau in zip(BENCHES, cells[1:5], taus, strict=True):
                 assert float(cell.split()[0]) == pytest.approx(tau, abs=0.005), (head, b)
@@ -236,26 +242,29 @@ def test_paired_difference_interval():
 
 
 def test_combination_table_on_stored_results(tmp_path):
-    """experiments/combination_table.py on a real run's rows: findings per drafter kind and
-    temperature, single drafters limited to the combinations' components, differences equal to
-    the rows' own means, and both figures written."""
+    """experiments/combination_table.py on a real run's rows: every finding per drafter kind and
+    temperature (from taps.study.findings), finding 4 against the combination's components only
+    (not the drafter trained on the mixture), differences equal to the rows' own means, and the
+    figure written."""
     mod = _script("combination_table")
-    rows = mod.load_rows([str(FIXTURE / "runs" / s) for s in ("combination", "specialization")])
-    table, means = mod.grid(rows)
-    text = mod.findings(rows, means)
-    for head in ("eagle2", "hass"):
+    rows = load_rows(*(FIXTURE / "runs" / s for s in ("combination", "specialization")))
+    text = mod.findings(rows)
+    for kind in ("EAGLE-2", "HASS"):
         for temp in ("0", "1"):
-            start = text.index(f"- {head}, T={temp}, mean tau:")
+            start = text.index(f"- {kind}, T={temp}, mean tau:")
             block = text[start:].split("\n- ")[0]
-            # Finding 6 per drafter kind and temperature, never pooled across them.
-            assert "6a (confidence" in block and "6b (rejected" in block
-    assert "single:mix" not in text  # the mixture's own drafter is not a component
+            for finding in "123456":  # per kind and temperature, never pooled across them
+                assert f"\n  - {finding} **" in block, (kind, temp, finding)
+            four = next(x for x in block.splitlines() if x.startswith("  - 4 "))
+            assert len(re.findall(r"confidence \d\.\d\d - ", four)) == 2  # the two parts
+            assert "- math " in four and "- ShareGPT " in four and "- mix" not in four
+    assert "- HASS, 2b (across temperatures) **" in text
     pick = {(r["variant"], r["bench"]): r["tau"] for r in rows if r["temperature"] == 0.0}
     conf, share = "eagle2/mix/confidence", "eagle2/sharegpt"
     want = sum(pick[conf, b] - pick[share, b] for b in BENCHES) / len(BENCHES)
-    line = next(x for x in text.splitlines() if x.startswith("- eagle2, T=0,"))
-    block = text[text.index(line) :].split("\n- ")[0]
-    assert f"confidence - single:sharegpt: {want:+.2f} [" in block
+    block = text[text.index("- EAGLE-2, T=0,") :].split("\n- ")[0]
+    diff = re.escape(f"{want:+.2f}")
+    assert re.search(rf"confidence \d\.\d\d - ShareGPT \d\.\d\d: {diff} \[", block)
     mod.tau_bars(rows, tmp_path / "tau.png")
     assert (tmp_path / "tau.png").stat().st_size > 10_000
 
@@ -267,7 +276,7 @@ def test_stored_combination_grid_regenerates_its_table_and_the_readme_quotes_it(
     """Issue 5's measured grid: its rows give exactly the stored table.md, and every
     tau-with-interval cell in experiments/README's acceptance-grid section appears in it."""
     mod = _script("combination_table")
-    rows = mod.load_rows([str(GRID)])
+    rows = load_rows(GRID)
     assert len(rows) == 7 * 2 * 4  # variants x temperatures x benchmarks
     text = mod.report(rows)
     assert text == (GRID / "table.md").read_text()
@@ -283,9 +292,105 @@ def test_routing_plot_of_a_whole_grid_stays_readable(tmp_path):
     """16 routed rows (2 routers x 4 benchmarks x 2 temperatures): one bar each per panel,
     panels stacked so the figure stays a page wide (side by side it was 30 inches)."""
     mod = _script("combination_table")
-    rows = mod.load_rows([str(GRID)])
+    rows = load_rows(GRID)
     assert mod.routing_plot(rows, tmp_path / "routing.png")
     png = (tmp_path / "routing.png").read_bytes()
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert 800 < width < 2000 and height > 600, (width, height)
-    assert not mod.routing_plot([r for r in rows if r["routing"] == "single"], tmp_path / "x.png")
+    assert not mod.routing_plot([r for r in rows if r["strategy"] == "single"], tmp_path / "x.png")
+
+
+def _synthetic(strategy: str, data: str, shift: float, noise: float = 0.0, seed: int = 0,
+               label: str | None = None) -> list[dict]:  # fmt: skip
+    """EAGLE-2 rows at T=0 on the four benchmarks, 12 questions each: a question's tau is its
+    own difficulty (shared by every variant) + `shift` + uniform noise of +-`noise`."""
+    rng = random.Random(seed)
+    rows = []
+    for b in BENCHES:
+        pq = {str(q): [round(50 * (1.5 + 0.1 * q + shift + rng.uniform(-noise, noise))), 50]
+              for q in range(12)}  # fmt: skip
+        tau = sum(t for t, _ in pq.values()) / sum(f for _, f in pq.values())
+        drafters = ["mathinstruct", "sharegpt"] if strategy != "single" else [data]
+        rows.append({"variant": label or f"eagle2/{data}/{strategy}", "routing": label or strategy,
+                     "strategy": strategy, "options": {}, "data": data, "drafters": drafters,
+                     "drafter": "eagle2", "temperature": 0.0, "bench": b, "tau": tau,
+                     "per_question": pq})  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize(
+    "conf,math,share,noise,want",
+    [
+        (0.5, 0.0, 0.0, 0.0, "holds"),  # a clear gap over both components
+        (0.0, 0.5, -0.5, 0.0, "fails"),  # reversed against the math drafter, resolved
+        (0.0, 0.0, -0.5, 0.5, "unresolved"),  # level with math, within the noise
+    ],
+)
+def test_a_finding_holds_fails_or_stays_unresolved(conf, math, share, noise, want):
+    """Finding 4 (confidence beats each single drafter it combines) on rows built to force each
+    verdict; variants are picked by `strategy`/`data`, not their labels: the confidence rows
+    here are labelled like averaging, and no averaging finding is made of them."""
+    rows = (_synthetic("confidence", "mix", conf, noise, 1, label="average(0.5)")
+            + _synthetic("single", "mathinstruct", math, noise, 2)
+            + _synthetic("single", "sharegpt", share, noise, 3))  # fmt: skip
+    verdicts = {v.finding: v for v in grade_all(rows)}
+    assert set(verdicts) == {"1", "4"}  # 1: math vs ShareGPT; no mixture, averaging, merging
+    four = verdicts["4"]
+    assert four.grade == want, [c.text() for c in four.required]
+    assert [c.b for c in four.required] == ["math", "ShareGPT"]
+    if want == "unresolved":
+        assert four.required[0].ci[0] < 0 < four.required[0].ci[1]
+    # The paper's table has no per-question data: the same rows graded by direction only.
+    bare = [{k: v for k, v in r.items() if k != "per_question"} for r in rows]
+    by_sign = {v.finding: v for v in grade_all(bare, intervals=False)}["4"]
+    assert by_sign.grade == {"holds": "holds", "fails": "fails"}.get(want, by_sign.grade)
+    no_ci = {v.finding: v for v in grade_all(bare)}["4"]
+    assert no_ci.grade == "unresolved"  # graded by intervals without any: nothing resolved
+
+
+def test_grading_rules():
+    """every=True: all resolved for -> holds, any resolved against -> fails; every=False (2b):
+    any resolved for -> holds, all resolved against -> fails; otherwise unresolved."""
+    yes, no, open_ = (Comparison("a", "b", 1, 1, d, ci) for d, ci in
+                      ((0.2, (0.1, 0.3)), (-0.2, (-0.3, -0.1)), (0.1, (-0.1, 0.3))))  # fmt: skip
+    assert grade([yes, yes]) == "holds" and grade([yes, open_]) == "unresolved"
+    assert grade([yes, open_, no]) == "fails"
+    assert grade([no, yes], every=False) == "holds" and grade([no, no], every=False) == "fails"
+    assert grade([no, open_], every=False) == "unresolved"
+    assert grade([open_], intervals=False) == "holds"  # by direction: +0.1 > 0
+
+
+def test_schema_1_rows_are_upgraded_from_config_routing():
+    """Stored schema-1 files lack `strategy`/`options`; the loader takes them from the job's
+    config.routing (name, and everything but name/label/drafters), never from a label."""
+    rows = load_rows(GRID)
+    got = {(r["variant"], r["strategy"], json.dumps(r["options"], sort_keys=True)) for r in rows}
+    assert got == {
+        ("eagle2/mix/average(0.5)", "average", '{"alpha": 0.5, "weights": null}'),
+        ("eagle2/mix/confidence", "confidence", "{}"),
+        ("eagle2/mix/entropy", "entropy", "{}"),
+        ("eagle2/mix/merged_tree(full)", "merged_tree", '{"budget": "full", "dedup": true}'),
+        ("eagle2/mix/merged_tree(matched)", "merged_tree", '{"budget": "matched", "dedup": true}'),
+        ("eagle2/mathinstruct", "single", "{}"),
+        ("eagle2/sharegpt", "single", "{}"),
+    }
+    routing = {"name": "average", "label": "x", "drafters": ["a"], "alpha": 1}
+    doc = {"schema_version": 1, "rows": [{"routing": "x"}], "config": {"routing": routing}}
+    want = {"routing": "x", "strategy": "average", "options": {"alpha": 1}}
+    assert rows_of(doc, "f.json") == [want]
+    v2 = {"schema_version": 2, "rows": [{"strategy": "entropy", "options": {}}]}
+    assert rows_of(v2, "g.json") == v2["rows"]  # schema 2: as written
+
+
+def test_unreadable_schemas_fail_naming_the_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    bad = tmp_path / "a" / "results.json"
+    bad.write_text(json.dumps({"schema_version": 3, "rows": []}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}: unknown .*schema_version 3"):
+        load_rows(tmp_path)
+    bad.write_text(json.dumps({"schema_version": 2, "rows": [{"variant": "v", "strategy": "x"}]}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}: a row without"):
+        load_rows(tmp_path)
+    bad.write_text(json.dumps({"schema_version": 1, "rows": [], "config": {}}))
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        load_rows(tmp_path)

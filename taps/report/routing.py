@@ -31,7 +31,7 @@ def routing_plot(rows: list[dict], path: str | Path) -> bool:
     if not routed:
         return False
     drafters = list(dict.fromkeys(d for r in routed for d in r["routing_shares"]["cycles"]))
-    labels = [f"{r['variant'].split('/')[-1]} {r['bench']} T={r['temperature']:g}" for r in routed]
+    labels = [f"{r['routing']} {r['bench']} T={r['temperature']:g}" for r in routed]
     # One panel above the other, legend outside: side by side, a grid's 16 bars made the
     # figure 30 inches wide and the legend covered the last bars.
     fig, axes = plt.subplots(2, 1, figsize=(2 + 0.6 * len(routed), 8), sharex=True)

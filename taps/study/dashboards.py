@@ -12,7 +12,7 @@ from taps.tracking.loggers import WandbRunLogger
 GRID_COLUMNS = ["variant", "drafter", "data", "routing", "bench", "temperature", "tau",
                 "tau_ci_low", "tau_ci_high", "tokens_per_s", "verified_tokens_per_cycle",
                 "draft_forwards_per_cycle"]  # fmt: skip
-# The report figures (paper_figures.FIGURES) that belong to each study's dashboard.
+# The report figures (taps.study.figures.FIGURES) that belong to each study's dashboard.
 STUDY_FIGURES = {
     "averaging_sweep": ["averaging_sweep"],
     "routing_signals": ["routing_shares", "entropy_bars"],

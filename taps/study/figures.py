@@ -37,7 +37,7 @@ def averaging_sweep(studies: Rows, path: Path) -> tuple[str | None, str | None]:
         kind = sub[0]["drafter"]
         for data, style in ((MATH, "--"), ("sharegpt", ":")):
             ref = [r["tau"] for r in singles if r["drafter"] == kind and r["data"] == data
-                   and r["routing"] == "single" and r["temperature"] == temp]  # fmt: skip
+                   and r["strategy"] == "single" and r["temperature"] == temp]  # fmt: skip
             if ref:
                 ax.axhline(_mean(ref), color=color, ls=style, lw=1, label=f"{data}, T={temp:g}")
     ax.set_xlabel("a (weight of the math drafter; 1 - a on ShareGPT)")
@@ -52,7 +52,7 @@ def averaging_sweep(studies: Rows, path: Path) -> tuple[str | None, str | None]:
 
 
 def _alpha(row: dict) -> float:
-    return float(row["routing"].removeprefix("average(").removesuffix(")"))
+    return float(row["options"]["alpha"])
 
 
 def entropy_bars(studies: Rows, path: Path) -> tuple[str | None, str | None]:
@@ -60,13 +60,13 @@ def entropy_bars(studies: Rows, path: Path) -> tuple[str | None, str | None]:
     if not rows:
         return None, None
     groups = [(s, kind, t) for s in ("confidence", "entropy") for kind, t in KIND_T
-              if any(r["routing"] == s and r["drafter"] == kind and r["temperature"] == t
+              if any(r["strategy"] == s and r["drafter"] == kind and r["temperature"] == t
                      for r in rows)]  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 2 + 1.5 * len(groups)), 4.2))
     labels = [f"{s}\n{kind}\nT={t:g}" for s, kind, t in groups]
     for ax, stat in zip(axes, ("entropy", "confidence"), strict=True):
         for j, (which, color) in enumerate((("accepted", "C2"), ("rejected", "C3"))):
-            vals = [_mean([r[f"{which}_{stat}"] for r in rows if r["routing"] == s
+            vals = [_mean([r[f"{which}_{stat}"] for r in rows if r["strategy"] == s
                            and r["drafter"] == kind and r["temperature"] == t
                            and r.get(f"{which}_{stat}") is not None])
                     for s, kind, t in groups]  # fmt: skip
@@ -116,7 +116,7 @@ def routing_shares(studies: Rows, path: Path) -> tuple[str | None, str | None]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for ax, strategy in zip(axes, ("confidence", "entropy"), strict=True):
         for j, (kind, temp) in enumerate(KIND_T):
-            got = {r["bench"]: r["routing_shares"] for r in rows if r["routing"] == strategy
+            got = {r["bench"]: r["routing_shares"] for r in rows if r["strategy"] == strategy
                    and r["drafter"] == kind and r["temperature"] == temp}  # fmt: skip
             xs = [i + (j - 1.5) * 0.2 for i in range(len(benches))]
             cyc = [got[b]["cycles"].get(MATH, 0.0) if b in got else float("nan") for b in benches]

@@ -11,14 +11,11 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from taps.config import CONF_DIR, register_resolvers
 from taps.data.benchmarks import load_benchmark
 from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
@@ -44,23 +41,6 @@ Method = Callable[[list[int], int, torch.Generator], Decoded]
 
 BASELINE = "hf_generate"  # (a): what a user gets without us
 VANILLA = "ours_vanilla"  # (c): the same model and cache as our speculative decoding
-
-
-def compose_experiment(preset: str, overrides: list[str]) -> tuple[DictConfig, Path]:
-    """The config of `experiment=<preset>` plus overrides, and a fresh outputs/<preset>/<stamp>/.
-    -h/--help prints the calling script's docstring instead (the scripts take Hydra overrides,
-    which Hydra's parser would reject with a grammar error)."""
-    if {"-h", "--help"} & set(overrides):
-        import __main__
-
-        print((__main__.__doc__ or f"usage: key=value overrides of {preset}").strip())
-        raise SystemExit(0)
-    register_resolvers()
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("config", [f"experiment={preset}", *overrides])
-    out_dir = Path(cfg.paths.output_dir) / preset / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return cfg, out_dir
 
 
 def first_turns(
@@ -149,7 +129,7 @@ def _tps(r: dict, name: str) -> float:
     return len(r[name]["tokens"]) / r[name]["s"]
 
 
-def summarise(records: list[dict], temperature: float) -> dict:
+def speed_summary(records: list[dict], temperature: float) -> dict:
     """Per method: median tokens/s, median per-prompt speedups against (a) and (c), median tau,
     outputs identical to (a) (greedy only), ms per cycle by phase, and peak memory."""
     names = [k for k, v in records[0].items() if isinstance(v, dict)]
