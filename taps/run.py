@@ -24,12 +24,14 @@ from taps.eval import grid
 from taps.models.precision import cast_for_serving
 from taps.models.target import shared_target
 from taps.report.files import describe, run_meta
+from taps.settings import validate
 from taps.tracking.results import publish
 from taps.training.train import build_callbacks, ensure_drafter
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Build the parts, evaluate the grid, write and log the results; returns rows and paths."""
+    validate(cfg)  # every setting, before anything is loaded or trained
     conf = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(cfg.seed)
     ev, bench = cfg.eval, cfg.bench

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "taps"
 # Layer of each part of taps/: a module may import modules of its own layer or lower ones.
 LAYERS = {
-    "taps.paths": 0, "taps.config": 0, "taps.memory": 0,
+    "taps.paths": 0, "taps.config": 0, "taps.memory": 0, "taps.settings": 0,
     "taps.data": 1,
     "taps.models": 2,
     "taps.training": 3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,47 @@ def test_sweep_jobs_share_the_target_but_not_its_serving_cast(tmp_path):
     first.model.to(torch.bfloat16)  # what eval.dtype=bfloat16 does to serve
     again = shared_target(cfg.target)
     assert again is not first and again.model.lm_head.weight.dtype == loaded
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("temperature=abc", "temperature='abc'"), ("temperature=-1", "temperature=-1"),
+     ("temperature=[0,-0.5]", "temperature="), ("top_p=1.5", "top_p=1.5"), ("top_p=0", "top_p=0"),
+     ("max_new_tokens=0", "max_new_tokens=0"), ("max_new_tokens=abc", "max_new_tokens='abc'"),
+     ("bench.limit=abc", "bench.limit='abc'"), ("bench.limit=0", "bench.limit=0"),
+     ("tree.top_k=0", "tree.top_k=0"), ("tree.depth=x", "tree.depth='x'"),
+     ("eval.dtype=fp8", "eval.dtype='fp8'"), ("bench=jsonl", "bench.path is missing"),
+     ("drafter=eagle_pretrained", "drafter.path is missing")],
+)  # fmt: skip
+def test_bad_settings_fail_before_anything_is_loaded(tmp_path, monkeypatch, override, key):
+    """Named key and value, in the first second: nothing loaded, trained or written."""
+    import taps.run as run_mod
+    from taps.settings import SettingsError
+
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded the target before validating the settings")
+
+    monkeypatch.setattr(run_mod, "shared_target", must_not_load)
+    cfg = cfg_with([*TINY, "logger=none", override], tmp_path)
+    with pytest.raises(SettingsError, match=re.escape(key)):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_prompt_file_is_an_error(tmp_path, content):
+    from taps.data.conversations import DataError
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(content)
+    cfg = cfg_with([*TINY, "logger=none", "bench=jsonl", f"bench.path={f}"], tmp_path)
+    with pytest.raises(DataError, match="no prompt"):
+        run(cfg, tmp_path)
+
+
+def test_a_directory_as_prompt_file_is_named(tmp_path):
+    from taps.settings import SettingsError
+
+    cfg = cfg_with([*TINY, "logger=none", "bench=jsonl", f"bench.path={tmp_path}"], tmp_path)
+    with pytest.raises(SettingsError, match="a directory"):
+        run(cfg, tmp_path)

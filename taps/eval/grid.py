@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from taps.combine import Strategy
 from taps.data.benchmarks import BenchPrompt, load_benchmark
+from taps.data.conversations import DataError
 from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
 from taps.eval.cells import cell_key, load_cell, store_cell
@@ -44,8 +45,14 @@ def temperatures(value: float | Sequence[float]) -> list[float]:
 def load_prompts(
     benchmarks: Sequence[str], data_dir: str, limit: int | None, path: str | None = None
 ) -> dict[str, list[BenchPrompt]]:
-    """Every benchmark's prompts, read before anything is trained or decoded."""
-    return {b: load_benchmark(b, data_dir, limit, path) for b in benchmarks}
+    """Every benchmark's prompts, read before anything is trained or decoded; a benchmark
+    without a prompt is an error (it would report tau 0 over nothing)."""
+    prompts = {b: load_benchmark(b, data_dir, limit, path) for b in benchmarks}
+    for b, qs in prompts.items():
+        if not qs:
+            where = f"the file {path}" if path else f"benchmark {b}"
+            raise DataError(f"{where} has no prompt to decode (empty or blank lines only)")
+    return prompts
 
 
 def variant_labels(
