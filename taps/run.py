@@ -58,18 +58,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         names = [str(d.name) for d in datas]
         labels = grid.variant_labels(cfg.drafter.name, cfg.data.name, names, combine, spec.name)
         parts = grid.cell_parts(target, metas, combine, spec, decoding, conf["eval"])
-        rows, decoded = grid.evaluate_grid(
+        result = grid.evaluate_grid(
             decoder, target.tokenizer, prompts, grid.temperatures(cfg.temperature), decoding,
             cfg.paths.cache_dir, parts, labels, spec.depth + 1,
         )  # fmt: skip
         meta = run_meta(target.name, names, metas, cfg.max_new_tokens, conf)
-        paths = publish(run_dir, rows, meta, tracker)
+        paths = publish(run_dir, result.rows, meta, tracker, result.outputs)
     finally:
         tracker.finish()
     print(describe(paths))
     if tracker.run_dir:
         print(f"  W&B offline run: {Path(tracker.run_dir).parent}  (upload: wandb sync <dir>)")
-    return {"rows": rows, "paths": paths, "decoded": decoded}
+    return {"rows": result.rows, "paths": paths, "decoded": result.decoded}
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -130,7 +130,7 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny64, monkeypatch):
         vanilla_generate(model, prompt, 8, set())
     assert len(dec.generate(prompt, 6).tokens) <= 6  # 26 + 6 fits: fine
     long_q = BenchPrompt("long-1", "test", ("word " * 40,))
-    with pytest.raises(ValueError, match=r"exceeds the context.*question_id 'long-1', turn 0"):
+    with pytest.raises(ValueError, match=r"exceeds the context.*question_id 'long-1', turn 1"):
         run_bench(dec, tiny64.tokenizer, "mine", [long_q], 8, 0.0)
 
 
@@ -261,7 +261,7 @@ def test_failed_results_write_leaves_no_half_written_file(tmp_path, monkeypatch)
         report.write_results(tmp_path, [_row(2.5)], {})
     # each file is whole: the new results.json parses, and no csv / temp file appeared
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["tau"] == 2.5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs.jsonl", "results.json"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -273,6 +273,8 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask):
         atomic_write_text(tmp_path / "results.json", "{}")
         with atomic_dir(tmp_path / "entry") as d:
             (d / "x").write_text("x")
+            (d / "weights").write_text("w")
+            (d / "weights").chmod(0o600)  # what safetensors' save_file leaves
         plain = tmp_path / "plain"
         plain.mkdir()
         (plain / "f").write_text("x")
@@ -281,6 +283,7 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask):
     mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
     assert mode(tmp_path / "results.json") == mode(plain / "f") == 0o666 & ~umask
     assert mode(tmp_path / "entry") == mode(plain) == 0o777 & ~umask
+    assert mode(tmp_path / "entry" / "weights") == mode(plain / "f")
 
 
 # ---------------------------------------------------------------- 9. determinism

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from taps.config import CONF_DIR
 from taps.eval.cells import cell_key, load_cell, store_cell
 from taps.eval.intervals import mean_difference_ci
+from taps.paths import IntegrityError
 from taps.report.rows import load_rows, rows_of
 from taps.study.findings import Comparison, grade, grade_all
 from taps.study.paper import STUDIES
@@ -116,10 +117,15 @@ def test_cell_keys_and_unreadable_cells(tmp_path):
     for change in ({"temperature": 1.0}, {"max_new_tokens": 9}, {"bench": "svamp"}):
         assert cell_key(**{**base, **change}) != key
     assert load_cell(tmp_path, key) is None
-    store_cell(tmp_path, key, {"tau": 2.0}, base)
-    assert load_cell(tmp_path, key) == {"tau": 2.0}
-    (tmp_path / "cells" / f"{key}.json").write_text("{not json")
-    assert load_cell(tmp_path, key) is None  # decoded again, never a crash or a stale row
+    store_cell(tmp_path, key, {"tau": 2.0}, base, [{"text": "4"}])
+    assert load_cell(tmp_path, key) == ({"tau": 2.0}, [{"text": "4"}])
+    path = tmp_path / "cells" / f"{key}.json"
+    path.write_text(path.read_text().replace('"tau": 2.0', '"tau": 4.0'))  # an edited result
+    with pytest.raises(IntegrityError, match=f"{key}.json: cached result cell changed"):
+        load_cell(tmp_path, key)  # never served, never silently decoded over
+    path.write_text("{not json")
+    with pytest.raises(IntegrityError, match=f"{key}.json: cached result cell unreadable"):
+        load_cell(tmp_path, key)
 
 
 def test_paper_script_skips_only_what_is_up_to_date(tmp_path):

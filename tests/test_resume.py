@@ -3,6 +3,7 @@ where an uninterrupted run ends: same step count, same weights (no lost or repea
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -72,3 +73,7 @@ def test_killed_training_resumes_without_lost_steps(tmp_path, cache_dir):
         # Same batches in the same order with the same noise: the weights agree exactly.
         assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
     assert os.listdir(final)  # nothing half-written
+    # The training history keeps the killed segment's steps, not only the last segment's.
+    with open(final / "metrics.csv", newline="") as f:
+        steps = [int(float(r["step"])) for r in csv.DictReader(f) if r.get("step")]
+    assert min(steps) < 24 <= max(steps) and steps == sorted(steps)

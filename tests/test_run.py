@@ -82,6 +82,12 @@ def test_tiny_run_writes_agreeing_results(tmp_path):
             assert r["lossless"]["identical_fraction"] == 1.0
     mt = next(r for r in rows if r["bench"] == "mt_bench")
     assert mt["turns"] == 2 * mt["prompts"]
+    texts = [json.loads(x) for x in (tmp_path / "outputs.jsonl").read_text().splitlines()]
+    assert len(texts) == sum(r["turns"] for r in rows)  # one line per prompt and turn
+    first = texts[0]
+    assert first["turn"] == 1 and first["prompt"] and first["tokens"] and "text" in first
+    assert all(o["identical_to_vanilla"] for o in texts if o["temperature"] == 0)
+    assert all(o["identical_to_vanilla"] is None for o in texts if o["temperature"] == 1)
     assert (tmp_path / "tau_heatmap.png").stat().st_size > 1000
     assert (tmp_path / "acceptance_by_depth.png").stat().st_size > 1000
     assert out["paths"]["json"] == tmp_path / "results.json"

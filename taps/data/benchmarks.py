@@ -105,7 +105,7 @@ def _prompt(qid: str, category: str, turns: Any, where: str, what: str) -> Bench
     for k, t in enumerate(turns):
         if not isinstance(t, str) or not t.strip():
             raise DataError(
-                f"{where}: {what} holds an empty or non-string prompt (question_id {qid}, turn {k})"
+                f"{where}: {what} holds an empty or non-string prompt (question_id {qid}, turn {k + 1})"
             )
     return BenchPrompt(question_id=qid, category=category, turns=tuple(turns))
 

@@ -36,8 +36,16 @@ def iter_jsonl(
     With `bad` (training rows, where one bad row should not stop a run) such lines are skipped
     and their numbers appended to `bad` instead; the caller warns with the count."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded per line, so a bad byte names its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if bad is not None:
+                    bad.append(lineno)
+                    continue
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line: "
+                                f"{raw[e.start:e.start + 1]!r})") from None  # fmt: skip
             if not line.strip():
                 continue
             try:

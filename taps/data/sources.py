@@ -344,7 +344,8 @@ def _gsm8k_local(
         col.add(_math_pair(obj.get("question"), answer, "gsm8k_train", str(row)))
     _warn_malformed(path, bad, any_kept=bool(col.kept) or col.full)  # full: limit=0
     col.skipped += len(bad)
-    col.why["malformed JSON line"] += len(bad)
+    if bad:
+        col.why["malformed JSON line"] += len(bad)
     col.warn(str(path))
     info = SourceInfo(
         name="mathinstruct",

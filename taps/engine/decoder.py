@@ -44,6 +44,17 @@ def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator
     return int(torch.multinomial(p.float(), 1, generator=gen))
 
 
+def _finite(feats: Tensor, where: str) -> Tensor:
+    """The target's hidden states, refused when non-finite: NaN logits would make every draft
+    "accepted" (NaN comparisons) and report a meaningless tau."""
+    if not torch.isfinite(feats).all():
+        raise FloatingPointError(
+            f"the target's hidden states are non-finite at {where}: its weights are damaged or "
+            "its dtype overflows (try eval.dtype=float32)"
+        )
+    return feats
+
+
 def _extend(out: list[int], new: list[int], eos_ids: set[int], limit: int) -> bool:
     """Append a cycle's tokens to `out` up to the first EOS or the token limit; report whether
     decoding is over. Touches only the new tokens: no per-cycle work grows with the output."""
@@ -125,7 +136,7 @@ class SpeculativeDecoder:
         max_len = len(prompt) + max_new_tokens + 1
         cache = self.target.new_cache(max_len + self.proposer.max_tree)
         ids = torch.tensor([prompt], device=dev)
-        feats = self.target(ids, cache=cache)[0]
+        feats = _finite(self.target(ids, cache=cache)[0], "prefill")
         root = _pick(self.target.logits(feats[-1]), temperature, top_p, generator)
         out: list[int] = []
         done = _extend(out, [root], self.eos_ids, max_new_tokens)
@@ -137,7 +148,7 @@ class SpeculativeDecoder:
             tick("draft")
             prefix = cache.length
             tokens, positions, mask = verification_inputs(tree, prefix, dev)
-            feats = self.target(tokens, positions, cache, mask)[0]
+            feats = _finite(self.target(tokens, positions, cache, mask)[0], "verification")
             tick("verify")
             logits = self.tree_logits(tree, feats)
             gen.target_forwards += 1

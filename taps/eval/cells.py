@@ -15,9 +15,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from taps.paths import atomic_write_text, content_key, hash_source_files
+from taps.paths import IntegrityError, atomic_write_text, content_key, hash_source_files
 
-CELL_VERSION = "cell-v1"
+CELL_VERSION = "cell-v2"  # v2: a digest of parts and row in every cell
 # Source files whose behaviour a cached row depends on.
 _CODE = ("taps/engine", "taps/combine", "taps/models", "taps/eval/evaluate.py",
          "taps/eval/metrics.py", "taps/data/template.py", "taps/data/benchmarks.py")  # fmt: skip
@@ -38,15 +38,37 @@ def cell_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / "cells" / f"{key}.json"
 
 
-def load_cell(cache_dir: str | Path, key: str) -> dict | None:
-    """The stored row, or None if missing or unreadable (then it is decoded again)."""
+def _digest(parts: object, row: object, outputs: object) -> str:
+    doc = {"parts": parts, "row": row, "outputs": outputs}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_cell(cache_dir: str | Path, key: str) -> tuple[dict, list[dict]] | None:
+    """The stored (row, outputs), or None if the cell was never decoded. A cell whose content
+    is not what was stored (edited, truncated, unreadable) is an IntegrityError naming the
+    file: a row that cannot be vouched for is neither served nor silently decoded over."""
     path = cell_path(cache_dir, key)
-    try:
-        return json.loads(path.read_text())["row"]
-    except (OSError, ValueError, KeyError):
+    if not path.exists():
         return None
+    try:
+        doc = json.loads(path.read_text())
+        digest = _digest(doc["parts"], doc["row"], doc["outputs"])
+        ok = doc["key"] == key and doc["sha256"] == digest
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"{path}: cached result cell unreadable ({e}): delete it to "
+                             "decode it again") from None  # fmt: skip
+    if not ok:
+        raise IntegrityError(f"{path}: cached result cell changed since it was decoded (its "
+                             "digest does not match): delete it to decode it again")  # fmt: skip
+    return doc["row"], doc["outputs"]
 
 
-def store_cell(cache_dir: str | Path, key: str, row: dict, parts: dict) -> None:
-    doc = {"key": key, "parts": parts, "row": row}
-    atomic_write_text(cell_path(cache_dir, key), json.dumps(doc, default=str))
+def store_cell(
+    cache_dir: str | Path, key: str, row: dict, parts: dict, outputs: list[dict] | None = None
+) -> None:
+    """Store a decoded cell: its row, the generated texts and a digest of both with the parts."""
+    # Through JSON first, so the digest covers exactly what a later load reads back.
+    parts, row, outputs = json.loads(json.dumps([parts, row, outputs or []], default=str))
+    doc = {"key": key, "parts": parts, "row": row, "outputs": outputs,
+           "sha256": _digest(parts, row, outputs)}  # fmt: skip
+    atomic_write_text(cell_path(cache_dir, key), json.dumps(doc))

@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 @dataclass
 class TurnRecord:
     question_id: str
-    turn: int
+    turn: int  # 0-based here; outputs.jsonl counts from 1
     gen: Generation
     lossless: dict | None = None
+    prompt: str = ""  # this turn's user message
+    text: str = ""  # the decoded answer
 
 
 @dataclass
@@ -79,11 +81,11 @@ def run_bench(
             spec_hist.append({"role": "user", "content": turn})
             ids = prompt_ids(tokenizer, spec_hist)
             # here, unlike in generate, the error can name the question
-            where = f"{bench} question_id {q.question_id!r}, turn {k}"
+            where = f"{bench} question_id {q.question_id!r}, turn {k + 1}"
             check_context(decoder.target, len(ids), max_new_tokens, where)
             gen = decoder.generate(ids, max_new_tokens, temperature, top_p, gen_rng, record_nodes)
-            rec = TurnRecord(q.question_id, k, gen)
-            spec_hist.append({"role": "assistant", "content": _text(tokenizer, gen.tokens)})
+            rec = TurnRecord(q.question_id, k, gen, prompt=turn, text=_text(tokenizer, gen.tokens))
+            spec_hist.append({"role": "assistant", "content": rec.text})
             if verify_lossless and temperature <= 0:
                 ref_hist.append({"role": "user", "content": turn})
                 ref = vanilla_generate(
@@ -99,6 +101,24 @@ def run_bench(
 
 def _text(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def outputs(run: BenchRun) -> list[dict]:
+    """What was generated, per prompt and turn: the readable side of a row (outputs.jsonl)."""
+    return [
+        {
+            "bench": run.bench,
+            "temperature": run.temperature,
+            "question_id": t.question_id,
+            "turn": t.turn + 1,
+            "prompt": t.prompt,
+            "text": t.text,
+            "tokens": t.gen.tokens,
+            "tau": round(tau([t.gen]), 4),
+            "identical_to_vanilla": None if t.lossless is None else t.lossless["identical"],
+        }
+        for t in run.turns
+    ]
 
 
 def summarise(run: BenchRun, max_depth: int, drafters: list[str] | None = None) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from taps.combine import Strategy
@@ -14,9 +15,9 @@ from taps.data.conversations import DataError
 from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
 from taps.eval.cells import cell_key, load_cell, store_cell
-from taps.eval.evaluate import run_bench, summarise
+from taps.eval.evaluate import outputs, run_bench, summarise
 from taps.models.target import Target
-from taps.paths import content_key
+from taps.paths import content_key, file_lock
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -73,11 +74,11 @@ def cell_parts(
     decoding: Decoding, eval_settings: dict,
 ) -> dict[str, Any]:  # fmt: skip
     """What a cell's row depends on besides its benchmark, temperature and prompts (the cell
-    key adds those and the code). `drafters`: each head's metadata (a published head without a
-    cache key is named by the digest of its metadata)."""
+    key adds those and the code). `drafters`: each head's metadata: its cache key (a published
+    head without one is named by the digest of its metadata) and the sha256 of its weights."""
     return {
         "target": target.key,
-        "drafters": [m.get("key") or content_key(m) for m in drafters],
+        "drafters": [[m.get("key") or content_key(m), m.get("weights_sha256")] for m in drafters],
         "routing": combine.name,
         "options": combine.options,
         "tree": [spec.top_k, spec.depth, spec.total_tokens],
@@ -87,6 +88,13 @@ def cell_parts(
         "dtype": str(target.model.lm_head.weight.dtype),
         "eval": eval_settings,
     }
+
+
+@dataclass
+class GridResult:
+    rows: list[dict]  # one per temperature x benchmark
+    outputs: list[dict]  # one per prompt and turn: what was generated (outputs.jsonl)
+    decoded: int  # cells decoded (the others came from the cell cache)
 
 
 def evaluate_grid(
@@ -99,27 +107,32 @@ def evaluate_grid(
     parts: dict[str, Any],
     labels: dict[str, Any],
     max_depth: int,
-) -> tuple[list[dict], int]:
-    """(one row per temperature x benchmark, cells decoded); cached cells are not decoded.
-    `max_depth`: the deepest draft depth a tree reaches, for acceptance by depth."""
-    rows, decoded = [], 0
+) -> GridResult:
+    """Every temperature x benchmark cell, decoded unless cached. `max_depth`: the deepest
+    draft depth a tree reaches, for acceptance by depth."""
+    out = GridResult([], [], 0)
     settings = {k: v for k, v in asdict(decoding).items() if k != "max_new_tokens"}
     for temp in temps:
         for bench, qs in prompts.items():
             cell = {**parts, "bench": bench, "temperature": temp,
                     "prompts": [[q.question_id, q.turns] for q in qs]}  # fmt: skip
             key = cell_key(**cell)
-            summary = load_cell(cache_dir, key)
-            cached = summary is not None
-            if not cached:
-                run = run_bench(decoder, tokenizer, bench, qs, decoding.max_new_tokens, temp,
-                                **settings)  # fmt: skip
-                summary = summarise(run, max_depth, labels["drafters"])
-                store_cell(cache_dir, key, summary, cell)
-                decoded += 1
+            stored = load_cell(cache_dir, key)
+            cached = stored is not None
+            if stored is None:  # one process decodes a cell; an identical run waits for it
+                with file_lock(Path(cache_dir) / "locks" / f"cell-{key}", f"cell {bench}"):
+                    stored = load_cell(cache_dir, key)
+                    if stored is None:
+                        run = run_bench(decoder, tokenizer, bench, qs, decoding.max_new_tokens,
+                                        temp, **settings)  # fmt: skip
+                        stored = summarise(run, max_depth, labels["drafters"]), outputs(run)
+                        store_cell(cache_dir, key, stored[0], cell, stored[1])
+                        out.decoded += 1
+            summary, texts = stored
             row = {**labels, **summary, "cell": key}
+            out.rows.append(row)
+            out.outputs += [{"variant": row["variant"], **o} for o in texts]
             log.info("%s %s T=%g: tau %.3f (%d turns, %.1f tok/s)%s", row["variant"], bench,
                      temp, row["tau"], row["turns"], row["tokens_per_s"],
                      " [cached]" if cached else "")  # fmt: skip
-            rows.append(row)
-    return rows, decoded
+    return out

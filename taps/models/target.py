@@ -7,7 +7,6 @@ weights so caches built on it (features, drafters) change when it does.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from taps.models.llama import Llama
-from taps.paths import atomic_dir, content_key, file_digest
+from taps.paths import atomic_dir, content_key, file_digest, verify_entry
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,8 @@ def convert_gguf(gguf: Path, cache_dir: str | Path) -> Path:
     transformers refuses `save_pretrained` on GGUF models, so we save the pieces ourselves."""
     key = content_key("gguf", file_digest(gguf))
     out = Path(cache_dir) / "targets" / f"{gguf.stem}-{key}"
-    if (out / "model.safetensors").is_file():
+    if out.is_dir():
+        verify_entry(out, "the converted target")
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,19 +140,15 @@ def load_local(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
 
 
 def weights_key(path: Path, files: list[Path]) -> str:
-    """Identify weights without hashing gigabytes: config, sizes, and the first and last MiB
-    of each file (a fine-tune changes those bytes too)."""
+    """Identify weights by their full content: the config and the sha256 of every weight file
+    (streamed, about 1 s per GB; a converted target's were just checked against its manifest,
+    so they are not hashed twice)."""
     config = json.loads((path / "config.json").read_text())
     for where in ("_name_or_path", "transformers_version"):  # where, not what: keep keys portable
         config.pop(where, None)
     parts: list[object] = [config]
     for f in files:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(1 << 20)
-            fh.seek(max(0, size - (1 << 20)))
-            tail = fh.read()
-        parts.append((f.name, size, hashlib.sha256(head + tail).hexdigest()))
+        parts.append((f.name, f.stat().st_size, file_digest(f)))
     return content_key(parts)
 
 
@@ -180,7 +176,8 @@ def tiny_tokenizer_dir(cache_dir: str, vocab_size: int = 1024) -> Path:
     all survive form a valid smaller BPE, so tiny test models use the real chat template."""
     base = convert_gguf(smollm2_gguf_path(), cache_dir)
     out = Path(cache_dir) / "targets" / f"tiny-tokenizer-{vocab_size}-{base.name[-16:]}"
-    if (out / "tokenizer.json").is_file():
+    if out.is_dir():
+        verify_entry(out, "the test tokenizer")
         return out
     spec = json.loads((base / "tokenizer.json").read_text())
     vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < vocab_size}

@@ -186,6 +186,7 @@ def result_paths(run_dir: str | Path) -> dict[str, Path]:
         "heatmap": run_dir / "tau_heatmap.png",
         "depth": run_dir / "acceptance_by_depth.png",
         "routing": run_dir / "routing_shares.png",
+        "outputs": run_dir / "outputs.jsonl",
     }
     if not paths["routing"].is_file():
         del paths["routing"]
@@ -211,11 +212,16 @@ def run_meta(
     }
 
 
-def write_results(run_dir: str | Path, rows: list[dict], meta: dict) -> dict[str, Path]:
+def write_results(
+    run_dir: str | Path, rows: list[dict], meta: dict, outputs: list[dict] | None = None
+) -> dict[str, Path]:
+    """Every file of a run, from its rows (and the generated texts, one JSON line per prompt
+    and turn, in outputs.jsonl)."""
     run_dir = Path(run_dir)
     paths = {**result_paths(run_dir), "routing": run_dir / "routing_shares.png"}
     doc = {"schema_version": SCHEMA_VERSION, **meta, "rows": rows}
     atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str))
+    atomic_write_text(paths["outputs"], "".join(json.dumps(o) + "\n" for o in outputs or []))
     atomic_write_text(paths["csv"], to_csv(rows))
     atomic_write_text(paths["md"], to_markdown(rows))
     heatmap(rows, paths["heatmap"])
@@ -242,6 +248,6 @@ def describe(paths: dict[str, Path]) -> str:
     """Where a run's files are, then its Markdown table: what `python -m taps.run` prints."""
     lines = [f"routing shares: {paths['routing']}"] if "routing" in paths else []
     lines += ["", f"results: {paths['json']}", f"  table: {paths['md']}",
-              f"  csv:   {paths['csv']}", f"  plots: {paths['heatmap']}",
-              f"         {paths['depth']}"]  # fmt: skip
+              f"  csv:   {paths['csv']}", f"  texts: {paths['outputs']}",
+              f"  plots: {paths['heatmap']}", f"         {paths['depth']}"]  # fmt: skip
     return "\n".join(lines) + "\n" + Path(paths["md"]).read_text()

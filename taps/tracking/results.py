@@ -13,16 +13,28 @@ log = logging.getLogger("taps.run")
 _DEPTH_COLUMNS = ["variant", "bench", "temperature", "depth", "fraction"]
 
 
+SAMPLE_COLUMNS = ["variant", "bench", "temperature", "question_id", "turn", "prompt", "text",
+                  "tau", "identical_to_vanilla"]  # fmt: skip
+SAMPLES = 50  # generated texts logged as a W&B table; outputs.jsonl holds them all
+
+
 def publish(
-    run_dir: str | Path, rows: list[dict], meta: dict, logger: NullRunLogger
+    run_dir: str | Path,
+    rows: list[dict],
+    meta: dict,
+    logger: NullRunLogger,
+    outputs: list[dict] | None = None,
 ) -> dict[str, Path]:
     """Write the run's files and log them, unless the run dir already holds exactly these
     rows (a re-run with every cell cached: nothing new to log)."""
     if unchanged(run_dir, rows):
         log.info("%s: every cell cached and results unchanged; nothing logged", run_dir)
         return result_paths(run_dir)
-    paths = write_results(run_dir, rows, meta)
+    paths = write_results(run_dir, rows, meta, outputs or [])
     log_results(logger, rows, paths)
+    samples = [[o.get(c) for c in SAMPLE_COLUMNS] for o in (outputs or [])[:SAMPLES]]
+    if samples:
+        logger.log_table("samples", SAMPLE_COLUMNS, samples)
     return paths
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from taps.data.conversations import Conversation, DataError
 from taps.data.template import tokenize_conversation
 from taps.models.target import DTYPES, Target, in_dtype
-from taps.paths import atomic_dir, content_key, file_lock
+from taps.paths import atomic_dir, content_key, file_lock, verify_entry
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,11 @@ def _forward_all(
         f = model(x.to(device)).to(dtype).cpu()
         for r, j in enumerate(batch):
             out[j] = f[r, : len(ids[j])]
+            if not torch.isfinite(out[j]).all():  # never cache (or train on) NaN features
+                raise FloatingPointError(
+                    f"the target computed non-finite features for training sequence {j} "
+                    f"({len(ids[j])} tokens): its weights may be damaged, or {dtype} overflows"
+                )
         bar.update(sum(len(ids[j]) for j in batch))
         i += rows
     return out  # type: ignore[return-value]
@@ -215,10 +220,11 @@ def cached_features(
     key = features_key(target, conversations, max_len, store_dtype, compute_dtype)
     path = Path(cache_dir) / "features" / key
     if not (path / "features.safetensors").is_file():
-        with file_lock(Path(cache_dir) / "locks" / f"features-{key}"):  # computed once
+        with file_lock(Path(cache_dir) / "locks" / f"features-{key}", f"features {desc}"):
             if not (path / "features.safetensors").is_file():
                 _compute_and_store(target, conversations, path, key, max_len, store_dtype,
                                    desc, compute_dtype)  # fmt: skip
+    verify_entry(path, "cached target features")  # every byte as computed, or an error
     t = load_file(str(path / "features.safetensors"))
     meta = json.loads((path / "meta.json").read_text())
     return FeatureSet(t["input_ids"], t["features"], t["loss_mask"], t["offsets"], meta)

@@ -21,7 +21,7 @@ from taps.data.conversations import Conversation
 from taps.data.template import prompt_ids
 from taps.models.llama import Llama
 from taps.models.target import Target, in_dtype
-from taps.paths import atomic_write_text, content_key
+from taps.paths import content_key, read_verified_text, write_verified_text
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,9 @@ def cached_regeneration(
             desc=desc,
         )  # fmt: skip
         rows = [json.dumps({"source": c.source, "id": c.id, "messages": c.messages}) for c in convs]
-        atomic_write_text(path, "".join(r + "\n" for r in rows))
+        write_verified_text(path, "".join(r + "\n" for r in rows))
     out = []
-    for line in path.read_text().splitlines():
+    for line in read_verified_text(path, "regenerated conversations").splitlines():
         if not line.strip():
             continue
         row = json.loads(line)

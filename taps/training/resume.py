@@ -90,6 +90,8 @@ class LastCheckpoint(L.Callback):
         self.path, self.every, self.sampler = Path(path), max(int(every), 1), sampler
 
     def _save(self, trainer: L.Trainer) -> None:
+        for lg in trainer.loggers:  # metrics up to the checkpoint survive a kill (resume joins)
+            lg.save()
         tmp = self.path.with_name(self.path.name + ".tmp")
         trainer.save_checkpoint(tmp)  # every rank calls it; under DDP only rank 0 writes
         if trainer.is_global_zero:

@@ -7,6 +7,7 @@ its hyper-parameters, the trainer settings, the seed and the head's code version
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -27,9 +28,10 @@ from taps.memory import PeakMemory
 from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head, save_head
 from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import Target
-from taps.paths import atomic_dir, content_key, file_lock
+from taps.paths import atomic_dir, content_key, file_lock, verify_entry
 from taps.training.datamodule import FeatureDataModule
 from taps.training.features import FEATURES_VERSION, FeatureSet, cached_features, features_key
+from taps.training.guards import FiniteLoss, check_finite_weights
 from taps.training.module import DraftModule
 from taps.training.objectives import Objective
 from taps.training.regenerate import cached_regeneration
@@ -171,14 +173,22 @@ def ensure_drafter(
     )
     hit = _RESOLVED.get(memo)
     if hit is not None and (hit / "head.safetensors").is_file():
-        return load_head(hit, target.model)
+        return _load_cached(hit, target)
     job = _resolve(target, drafter, data, trainer, cache_dir, data_dir, seed)
     if not (job.out / "head.safetensors").is_file():
         _train_once(job, lightning_logger, list(callbacks or []))
     else:
         log.info("drafter cache hit: %s", job.out)
     _RESOLVED[memo] = job.out
-    return load_head(job.out, target.model)
+    return _load_cached(job.out, target)
+
+
+def _load_cached(out: Path, target: Target) -> tuple[DraftHead, dict]:
+    """A cached drafter, every file checked against the manifest it was built with; the head
+    file's digest joins its metadata, so the cells it decodes are tied to these bytes."""
+    digests = verify_entry(out, "the cached drafter")
+    head, meta = load_head(out, target.model)
+    return head, {**meta, "weights_sha256": digests["head.safetensors"]}
 
 
 def _resolve(
@@ -239,7 +249,7 @@ def _train_once(job: _Job, lightning_logger: Any, callbacks: list) -> None:
     if not _launching_rank():  # a DDP worker: rank 0 holds the lock and waits for it
         _train(job, lightning_logger, callbacks)
         return
-    with file_lock(Path(job.cache_dir) / "locks" / job.out.name):
+    with file_lock(Path(job.cache_dir) / "locks" / job.out.name, f"drafter {job.out.name}"):
         if not (job.out / "head.safetensors").is_file():
             _train(job, lightning_logger, callbacks)
 
@@ -324,6 +334,7 @@ def _fit(
     resume = str(ckpt) if ckpt.is_file() else None
     if resume:
         log.info("resuming %s from %s", job.out.name, ckpt)
+        _keep_segment(job.work)
     loggers = [L.pytorch.loggers.CSVLogger(str(job.work), name="", version="")]
     if callable(lightning_logger):  # a factory: the run's logger starts only if we train
         lightning_logger = lightning_logger()
@@ -331,7 +342,8 @@ def _fit(
         loggers.append(lightning_logger)
     # The resume checkpoint needs run-time arguments, so it is added here, not configured.
     every = int(job.trainer.get("checkpoint_every", 200))
-    callbacks = [LastCheckpoint(ckpt, every, dm.sampler), *callbacks]
+    # FiniteLoss first: a NaN step raises before any checkpoint of its weights is written.
+    callbacks = [FiniteLoss(), LastCheckpoint(ckpt, every, dm.sampler), *callbacks]
     kwargs = {k: v for k, v in _plain(job.trainer).items() if k != "checkpoint_every"}
     pl_trainer = instantiate(
         kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(job.work)
@@ -344,6 +356,41 @@ def _fit(
     return _Fit(pl_trainer, time.perf_counter() - t0, mem, resume is not None)
 
 
+def _keep_segment(work: Path) -> None:
+    """A resumed fit's CSV logger starts metrics.csv afresh: keep the interrupted segment's."""
+    if (work / "metrics.csv").is_file():
+        n = len(list(work.glob("metrics-segment-*.csv")))
+        (work / "metrics.csv").rename(work / f"metrics-segment-{n:03d}.csv")
+
+
+def _join_segments(work: Path, out: Path) -> None:
+    """metrics.csv of every training segment, in order, under the union of their columns; a
+    segment's rows past the step the next one resumed from were redone by it and are dropped."""
+    parts = [*sorted(work.glob("metrics-segment-*.csv")), work / "metrics.csv"]
+    segments = []
+    for part in (p for p in parts if p.is_file()):
+        with open(part, newline="") as f:
+            segments.append(list(csv.DictReader(f)))
+    rows: list[dict] = []
+    for k, seg in enumerate(segments):
+        later = [_step(r) for s in segments[k + 1 :] for r in s if _step(r) is not None]
+        rows += [r for r in seg if not later or (_step(r) or 0) < min(later)]
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _step(row: dict) -> int | None:
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None
+
+
 def _publish(
     job: _Job,
     head: DraftHead,
@@ -353,12 +400,12 @@ def _publish(
     coverage: float,
 ) -> None:
     """Write the cache entry (head + metadata + metrics.csv) atomically; drop the work dir."""
+    check_finite_weights(head, f"drafter {job.out.name}")
     with atomic_dir(job.out) as tmp:
         meta = _meta(job, fit, train_fs, val_fs, coverage)
         head.eval()
         save_head(head, tmp, meta)
-        if (job.work / "metrics.csv").is_file():
-            shutil.copy(job.work / "metrics.csv", tmp / "metrics.csv")
+        _join_segments(job.work, tmp / "metrics.csv")
     shutil.rmtree(job.work, ignore_errors=True)
     log.info("trained %s in %.0f s: %s", job.out.name, fit.seconds,
              json.dumps(meta["final_metrics"]))  # fmt: skip
