@@ -11,27 +11,32 @@ import os
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from taps.combine import strategy
 from taps.config import CONF_DIR
-from taps.data.drafters import drafter_data
-from taps.engine.decoder import SpeculativeDecoder
-from taps.eval import grid
-from taps.models.precision import cast_for_serving
-from taps.models.target import shared_target
-from taps.report.files import describe, run_meta
-from taps.settings import validate
-from taps.tracking.results import publish
-from taps.training.train import build_callbacks, ensure_drafter
+from taps.data.conversations import DataError
+from taps.paths import IntegrityError
+from taps.settings import SettingsError, validate
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Build the parts, evaluate the grid, write and log the results; returns rows and paths."""
     validate(cfg)  # every setting, before anything is loaded or trained
+    # The layers import torch and Lightning (seconds): here, so --help answers at once.
+    import torch
+
+    from taps.combine import strategy
+    from taps.data.drafters import drafter_data
+    from taps.engine.decoder import SpeculativeDecoder
+    from taps.eval import grid
+    from taps.models.precision import cast_for_serving
+    from taps.models.target import shared_target
+    from taps.report.files import describe, run_meta
+    from taps.tracking.results import publish
+    from taps.training.train import build_callbacks, ensure_drafter
+
     conf = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(cfg.seed)
     ev, bench = cfg.eval, cfg.bench
@@ -77,11 +82,16 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     n_jobs = hc.launcher.get("n_jobs") if "launcher" in hc else None
     if n_jobs and n_jobs > 1:  # parallel sweep jobs share the cores instead of fighting for them
+        import torch
+
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
     if "name" in cfg.logger and cfg.logger.name is None and hc.job.override_dirname:
         with open_dict(cfg):  # a sweep job's W&B run is named by its overrides
             cfg.logger.name = hc.job.override_dirname
-    run(cfg, hc.runtime.output_dir)
+    try:
+        run(cfg, hc.runtime.output_dir)
+    except (SettingsError, DataError, IntegrityError) as e:  # the user's to fix: no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

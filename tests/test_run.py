@@ -226,13 +226,13 @@ def test_sweep_jobs_share_the_target_but_not_its_serving_cast(tmp_path):
 )  # fmt: skip
 def test_bad_settings_fail_before_anything_is_loaded(tmp_path, monkeypatch, override, key):
     """Named key and value, in the first second: nothing loaded, trained or written."""
-    import taps.run as run_mod
+    import taps.models.target as target_mod
     from taps.settings import SettingsError
 
     def must_not_load(*a, **k):
         raise AssertionError("loaded the target before validating the settings")
 
-    monkeypatch.setattr(run_mod, "shared_target", must_not_load)
+    monkeypatch.setattr(target_mod, "shared_target", must_not_load)
     cfg = cfg_with([*TINY, "logger=none", override], tmp_path)
     with pytest.raises(SettingsError, match=re.escape(key)):
         run(cfg, tmp_path)
@@ -256,3 +256,26 @@ def test_a_directory_as_prompt_file_is_named(tmp_path):
     cfg = cfg_with([*TINY, "logger=none", "bench=jsonl", f"bench.path={tmp_path}"], tmp_path)
     with pytest.raises(SettingsError, match="a directory"):
         run(cfg, tmp_path)
+
+
+def test_a_drafter_on_the_users_jsonl_composes_with_confidence_routing(tmp_path):
+    """Issue 18: a user's JSONL file (both record formats) trains one drafter, combined with the
+    built-in math drafter by confidence routing, end to end on the tiny target."""
+    from tests.test_data_user import write_user_file
+
+    mine = tmp_path / "mine.jsonl"
+    write_user_file(mine)
+    components = (f"data.components=[{{source: jsonl, path: '{mine}', examples: 30}},"
+                  " {source: mathinstruct, examples: 12}]")  # fmt: skip
+    cfg = cfg_with(["target=tiny_random", components, "data.max_len=128", "trainer.max_epochs=1",
+                    "bench.limit=1", "max_new_tokens=8", "routing=confidence", "logger=none",
+                    "bench.benchmarks=[gsm8k]", "eval.verify_lossless=true"], tmp_path)  # fmt: skip
+    with open_dict(cfg):
+        cfg.target.cache_dir = cfg.paths.cache_dir
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    (row,) = run(cfg, tmp_path)["rows"]
+    assert row["drafters"] == ["jsonl-mine", "mathinstruct"] and row["strategy"] == "confidence"
+    assert set(row["routing_shares"]["cycles"]) == {"jsonl-mine", "mathinstruct"}
+    assert row["lossless"]["identical_fraction"] == 1.0
+    names = sorted(p.name.split("-")[1] for p in (tmp_path / "cache" / "drafters").iterdir())
+    assert names == ["jsonl", "mathinstruct"]

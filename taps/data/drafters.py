@@ -2,7 +2,8 @@
 components mixed into one training set); a strategy that combines drafters gets one per
 component of `data`, each trained on the data config of the component's name, composed by
 Hydra as `data=<name>` would compose it and given the mixture's shared settings (budget,
-max_len, ...), so it is the very drafter, and cache entry, that `data=<name>` trains."""
+max_len, ...), so it is the very drafter, and cache entry, that `data=<name>` trains. A
+component of the user's own data (source jsonl or hf) is a data config of its own."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from taps.config import compose_option
+from taps.data.user import USER_SOURCES, component_label
 
 _OWN = ("name", "components")  # the keys of a data config that are not shared settings
 
@@ -24,11 +26,19 @@ def drafter_data(
     if names is None:
         if not combines:
             return [data]
-        names = [c.source for c in data.components]
+        names = [_of_component(c) for c in data.components]
     if isinstance(names, str) or not isinstance(names, Sequence | ListConfig):
         raise ValueError(f"drafters={names!r}: expected a list of data config names")
     shared = {k: v for k, v in OmegaConf.to_container(data, resolve=True).items() if k not in _OWN}
     return [OmegaConf.merge(_base(entry), shared) for entry in names]
+
+
+def _of_component(comp: DictConfig) -> str | dict:
+    """A built-in source names its data config; the user's own data (jsonl, hf) is its own."""
+    if comp.source in USER_SOURCES:
+        plain = OmegaConf.to_container(comp, resolve=True)
+        return {"name": component_label(plain), "components": [plain]}
+    return str(comp.source)
 
 
 def _base(entry: object) -> DictConfig:

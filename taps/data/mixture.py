@@ -12,6 +12,14 @@ from typing import Any
 
 from taps.data.conversations import Conversation, DataError
 from taps.data.sources import SOURCES, load_source
+from taps.data.user import (
+    FORMATS,
+    USER_SOURCES,
+    component_label,
+    file_fingerprint,
+    load_hf,
+    load_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +47,18 @@ def build_mixture(
     a warning) takes all. The merged list is shuffled with `random.Random(seed)` and its first
     `round(holdout * n)` conversations (at least 1 when holdout > 0 and n >= 2) become `val`."""
     specs = _check(components, holdout)
-    pool: list[tuple[str, Conversation]] = []  # (component source name, conversation)
+    pool: list[tuple[str, Conversation]] = []  # (component label, conversation)
     parts = []
     for spec in specs:
-        name, want = spec["source"], spec["examples"]
-        convs, src = load_source(name, data_dir, prefer=prefer)
+        name, want = spec["label"], spec["examples"]
+        convs, part = _load(spec, data_dir, prefer)
         if want is not None and want > len(convs):
             log.warning("%s: %d examples requested, only %d available", name, want, len(convs))
         if want is not None and want < len(convs):
             keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(convs)), want))
             convs = [convs[k] for k in keep]
         pool += [(name, c) for c in convs]
-        parts.append(
-            {
-                "source": name,
-                "origin": src.origin,
-                "offline": src.offline,
-                "requested": want,
-                "available": src.kept,
-                "used": len(convs),
-                "fingerprint": src.fingerprint,
-            }
-        )
+        parts.append({"source": name, **part, "requested": want, "used": len(convs)})
     random.Random(seed).shuffle(pool)
     n = len(pool)
     n_val = round(holdout * n)
@@ -76,6 +74,22 @@ def build_mixture(
         "shares": {p["source"]: counts[p["source"]] / max(len(train), 1) for p in parts},
     }
     return DataSplit(train=[c for _, c in train], val=[c for _, c in val], info=info)
+
+
+def _load(spec: dict, data_dir: str | Path | None, prefer: str) -> tuple[list, dict]:
+    """A component's conversations and what the results say of where they came from."""
+    if spec["source"] == "jsonl":
+        convs = load_jsonl(spec["path"], spec["label"], spec.get("format"))
+        return convs, {"origin": f"{spec['path']} (the user's JSONL)", "offline": True,
+                       "available": len(convs), "fingerprint": file_fingerprint(spec["path"])}  # fmt: skip
+    if spec["source"] == "hf":
+        convs, fp = load_hf(spec["name"], spec.get("split") or "train", spec.get("subset"),
+                            spec.get("format"), spec["label"])  # fmt: skip
+        return convs, {"origin": f"{spec['name']} (hub)", "offline": False,
+                       "available": len(convs), "fingerprint": fp}  # fmt: skip
+    convs, src = load_source(spec["source"], data_dir, prefer=prefer)
+    return convs, {"origin": src.origin, "offline": src.offline, "available": src.kept,
+                   "fingerprint": src.fingerprint}  # fmt: skip
 
 
 def select_budget(components: Any, budget: str | None) -> list[dict]:
@@ -108,16 +122,25 @@ def _check(components: Any, holdout: Any) -> list[dict]:
         key = f"data.components[{i}]"
         if not isinstance(comp, Mapping) or "source" not in comp:
             raise DataError(f"{key} must be a mapping with a 'source' key, got {comp!r}")
-        extra = set(comp.keys()) - {"source", "examples"}
-        if extra:
-            raise DataError(f"{key} has unknown keys {sorted(extra)}; allowed: source, examples")
         name, want = comp["source"], comp.get("examples")
-        if name not in SOURCES:
-            raise DataError(f"{key}.source={name!r} is not one of {', '.join(SOURCES)}")
-        if name in seen:  # two samples of one source could overlap
+        if name not in SOURCES and name not in USER_SOURCES:
+            valid = ", ".join((*SOURCES, *USER_SOURCES))
+            raise DataError(f"{key}.source={name!r} is not one of {valid}")
+        allowed, required = USER_SOURCES.get(name, (set(), set()))
+        extra = set(comp.keys()) - {"source", "examples"} - allowed
+        if extra:
+            ok = ", ".join(sorted({"source", "examples"} | allowed))
+            raise DataError(f"{key} has unknown keys {sorted(extra)}; allowed: {ok}")
+        missing = sorted(k for k in required if not comp.get(k))
+        if missing:
+            raise DataError(f"{key} (source={name}) needs {', '.join(missing)}")
+        if comp.get("format") not in (None, *FORMATS):
+            raise DataError(f"{key}.format={comp['format']!r}: expected one of {FORMATS}")
+        label = component_label(comp)
+        if label in seen:  # two samples of one source could overlap
             raise DataError(f"{key}.source={name!r} appears twice; use one entry per source")
-        seen.add(name)
+        seen.add(label)
         if want is not None and (not isinstance(want, int) or isinstance(want, bool) or want < 0):
             raise DataError(f"{key}.examples must be a non-negative integer or null, got {want!r}")
-        specs.append({"source": name, "examples": want})
+        specs.append({**comp, "examples": want, "label": label})
     return specs
