@@ -224,3 +224,21 @@ def test_a_process_waiting_on_a_lock_says_so(tmp_path, caplog):
         pass
     holder.close()
     assert f"waiting for drafter x: another process holds {lock}" in caplog.text
+
+
+def test_truncated_files_of_a_local_target_are_named(tmp_path):
+    """A user's Hugging Face directory (no manifest): a cut config.json or weight file fails
+    naming the file, not as a bare JSONDecodeError or SafetensorError."""
+    from transformers import LlamaConfig
+
+    from taps.models.target import load_local
+
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path)  # fmt: skip
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
+    with pytest.raises(ValueError, match=r"model\.safetensors: unreadable"):
+        load_local(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises((OSError, ValueError), match=r"config\.json"):  # transformers names it
+        load_local(tmp_path)

@@ -10,12 +10,15 @@ import copy
 import importlib.metadata
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from taps.models.llama import Llama
@@ -116,7 +119,7 @@ def load_local(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(str(path))
+    config = _named(path / "config.json", lambda: AutoConfig.from_pretrained(str(path)))
     with torch.device("meta"):
         model = Llama(config)
     state: dict[str, torch.Tensor] = {}
@@ -124,7 +127,7 @@ def load_local(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(_named(f, lambda f=f: load_file(str(f))))
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)
@@ -135,8 +138,19 @@ def load_local(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
         raise ValueError(f"{path}: weights missing for {missing[:5]} (not a Llama checkpoint?)")
     model = model.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = _named(path / "tokenizer.json", lambda: AutoTokenizer.from_pretrained(str(path)))
     return Target(model=model, tokenizer=tok, name=path.name, key=weights_key(path, files))
+
+
+def _named(file: Path, load: Callable[[], Any]) -> Any:
+    """Run `load`; a truncated or garbled file fails naming it, not as a bare JSONDecodeError
+    or SafetensorError."""
+    try:
+        return load()
+    except (OSError, ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+        if str(file) in str(e):
+            raise
+        raise ValueError(f"{file}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def weights_key(path: Path, files: list[Path]) -> str:
