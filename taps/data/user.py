@@ -12,7 +12,6 @@ error naming it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from taps.data.conversations import Conversation, DataError
+from taps.paths import file_digest
 
 log = logging.getLogger("taps.data.sources")
 
@@ -181,4 +181,4 @@ def load_hf(
 
 
 def file_fingerprint(path: str | Path) -> str:
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return "sha256:" + file_digest(path)[:16]
