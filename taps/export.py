@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from taps.config import CONF_DIR
-from taps.models.draft_head import load_head
 from taps.models.eagle_format import export_eagle
+from taps.models.heads import load_head
 
 log = logging.getLogger("taps.export")
 FORMATS = {"eagle"}

@@ -20,6 +20,7 @@ class NoisyOracle:
         self.target, self.depth, self.noise, self.jitter = target, depth, noise, jitter
         self.rng = torch.Generator().manual_seed(seed)
         self.max_tree = 2 * depth + 1
+        self.heads: list = []  # no draft head: it reads no target layers
         self.context: list[int] = []
 
     def start(self, features, next_tokens, max_len) -> None:
@@ -74,6 +75,7 @@ class TopKOracle:
         # jitter: random draft scores and entropies, so routers switch between drafters.
         self.target, self.width, self.offset, self.jitter = target, width, offset, jitter
         self.max_tree = 1 + width + width * width
+        self.heads: list = []
         self.context: list[int] = []
         self.first: list[int] = []
 

@@ -6,16 +6,17 @@ import torch
 
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
-from taps.models.draft_head import DraftHead, load_head, save_head, with_full_vocab
+from taps.models.draft_head import DraftHead, with_full_vocab
+from taps.models.heads import load_head, save_head
 from taps.training.features import FeatureSet
 from taps.training.vocab import frequent_tokens
 
 
 def _tree(head, target, prompt):
     drafter = HeadDrafter(head, TreeSpec(4, 3, 16))
-    f = target.model(torch.tensor([prompt]))[0]
-    root = int(target.model.logits(f[-1]).argmax())
-    drafter.start(f, torch.tensor(prompt[1:] + [root]), 64)
+    states = target.model.states(torch.tensor([prompt]))[0]
+    root = int(target.model.logits(states.final[-1]).argmax())
+    drafter.start(states, torch.tensor(prompt[1:] + [root]), 64)
     return drafter.propose()
 
 

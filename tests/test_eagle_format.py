@@ -17,8 +17,9 @@ from omegaconf import open_dict
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from taps.models.draft_head import DraftHead, save_head
+from taps.models.draft_head import DraftHead
 from taps.models.eagle_format import export_eagle, load_eagle, load_pretrained
+from taps.models.heads import save_head
 from taps.models.llama import Llama
 from taps.paths import REPO_ROOT
 from taps.training.train import ensure_drafter

@@ -22,7 +22,8 @@ from taps.data.sources import load_source, parse_sharegpt_json
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.eval.evaluate import run_bench
-from taps.models.draft_head import DraftHead, load_head, save_head
+from taps.models.draft_head import DraftHead
+from taps.models.heads import load_head, save_head
 from taps.models.llama import Llama
 from taps.paths import atomic_dir, atomic_write_text, default_data_dir
 from taps.training.features import cached_features, compute_features
@@ -218,17 +219,18 @@ def test_missing_data_dir_names_the_setting(tmp_path, monkeypatch):
 
 def test_failed_feature_build_leaves_no_cache_entry(tiny64, tmp_path, monkeypatch):
     convs = [_conv("a", ("user", "What is 2+2?"), ("assistant", "It is 4."))]
-    real_save = features_mod.save_file
+    real_writer = features_mod.RowWriter
 
-    def save_then_die(tensors, filename):
-        real_save(tensors, filename)  # the weights are on disk, meta.json is not yet
-        raise KeyboardInterrupt  # Ctrl-C mid-write
+    class WriteThenDie(real_writer):
+        def close(self):
+            super().close()  # the features are on disk, meta.json is not yet
+            raise KeyboardInterrupt  # Ctrl-C mid-write
 
-    monkeypatch.setattr(features_mod, "save_file", save_then_die)
+    monkeypatch.setattr(features_mod, "RowWriter", WriteThenDie)
     with pytest.raises(KeyboardInterrupt):
         cached_features(tiny64, convs, tmp_path, max_len=64)
     assert list((tmp_path / "features").iterdir()) == []  # no entry, no temp dir
-    monkeypatch.setattr(features_mod, "save_file", real_save)
+    monkeypatch.setattr(features_mod, "RowWriter", real_writer)
     fs = cached_features(tiny64, convs, tmp_path, max_len=64)
     entries = list((tmp_path / "features").iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from taps.combine import average, confidence, entropy, merged, single
 from taps.engine.decoder import Proposer
 from taps.engine.drafting import TreeSpec
-from taps.models.draft_head import DraftHead
+from taps.models.heads import AnyHead
 
 Build = Callable[..., Proposer]
 STRATEGIES: dict[str, Build] = {
@@ -46,7 +46,7 @@ class Strategy:
         key = _LABEL_OPTION.get(self.name)
         return self.name if key is None else f"{self.name}({self.options.get(key)})"
 
-    def __call__(self, heads: list[DraftHead], spec: TreeSpec) -> Proposer:
+    def __call__(self, heads: list[AnyHead], spec: TreeSpec) -> Proposer:
         return self.build(heads, spec, **self.options)
 
 
@@ -69,9 +69,7 @@ def strategy(factory: Callable[..., Proposer]) -> Strategy:
     return Strategy(names[func], options, func)
 
 
-def build_proposer(
-    name: str, heads: list[DraftHead], spec: TreeSpec, **options: object
-) -> Proposer:
+def build_proposer(name: str, heads: list[AnyHead], spec: TreeSpec, **options: object) -> Proposer:
     """For code without a config: STRATEGIES[name] with its options (unknown: TypeError)."""
     if name not in STRATEGIES:
         raise ValueError(f"routing={name!r} is not implemented; choose one of {list(STRATEGIES)}")

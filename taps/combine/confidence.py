@@ -7,7 +7,7 @@ from __future__ import annotations
 from taps.combine.group import DrafterGroup, heads_to_drafters
 from taps.engine.drafting import TreeSpec
 from taps.engine.tree import DraftTree
-from taps.models.draft_head import DraftHead
+from taps.models.heads import AnyHead
 
 
 class ConfidenceRouter(DrafterGroup):
@@ -20,5 +20,5 @@ class ConfidenceRouter(DrafterGroup):
         return best
 
 
-def build(heads: list[DraftHead], spec: TreeSpec) -> ConfidenceRouter:
+def build(heads: list[AnyHead], spec: TreeSpec) -> ConfidenceRouter:
     return ConfidenceRouter(heads_to_drafters(heads, [spec] * len(heads)))

@@ -10,7 +10,8 @@ from taps.combine.group import DrafterGroup, heads_to_drafters
 from taps.engine.decoder import Proposer
 from taps.engine.drafting import TreeSpec
 from taps.engine.tree import DraftTree
-from taps.models.draft_head import DraftHead
+from taps.models.heads import AnyHead
+from taps.models.llama import TargetStates
 
 
 class EntropyRouter(DrafterGroup):
@@ -19,8 +20,8 @@ class EntropyRouter(DrafterGroup):
         self.active = 0
         self.pending: DraftTree | None = None
 
-    def start(self, features: Tensor, next_tokens: Tensor, max_len: int) -> None:
-        super().start(features, next_tokens, max_len)
+    def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
+        super().start(states, next_tokens, max_len)
         trees = self.propose_all()
         scores = [-t.mean_entropy() for t in trees]  # higher preferred: lowest entropy wins
         self.active = max(range(len(trees)), key=scores.__getitem__)
@@ -35,10 +36,10 @@ class EntropyRouter(DrafterGroup):
             tree.drafter = self.active
         return tree
 
-    def commit(self, features: Tensor, next_tokens: Tensor) -> None:
+    def commit(self, states: TargetStates, next_tokens: Tensor) -> None:
         # Only the chosen drafter drafts again this turn; the others restart at the next one.
-        self.drafters[self.active].commit(features, next_tokens)
+        self.drafters[self.active].commit(states, next_tokens)
 
 
-def build(heads: list[DraftHead], spec: TreeSpec) -> EntropyRouter:
+def build(heads: list[AnyHead], spec: TreeSpec) -> EntropyRouter:
     return EntropyRouter(heads_to_drafters(heads, [spec] * len(heads)))

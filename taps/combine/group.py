@@ -9,7 +9,8 @@ from torch import Tensor
 from taps.engine.decoder import Proposer
 from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.engine.tree import DraftTree
-from taps.models.draft_head import DraftHead
+from taps.models.heads import AnyHead
+from taps.models.llama import TargetStates
 
 
 def split_budget(spec: TreeSpec, n: int) -> list[TreeSpec]:
@@ -37,16 +38,16 @@ class DrafterGroup:
         self.max_tree = max(d.max_tree for d in drafters)
 
     @property
-    def heads(self) -> list[DraftHead]:
+    def heads(self) -> list[AnyHead]:
         return [h for d in self.drafters for h in d.heads]
 
-    def start(self, features: Tensor, next_tokens: Tensor, max_len: int) -> None:
+    def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
         for d in self.drafters:
-            d.start(features, next_tokens, max_len)
+            d.start(states, next_tokens, max_len)
 
-    def commit(self, features: Tensor, next_tokens: Tensor) -> None:
+    def commit(self, states: TargetStates, next_tokens: Tensor) -> None:
         for d in self.drafters:
-            d.commit(features, next_tokens)
+            d.commit(states, next_tokens)
 
     def propose_all(self) -> list[DraftTree]:
         trees = [d.propose() for d in self.drafters]
@@ -55,7 +56,7 @@ class DrafterGroup:
         return trees
 
 
-def heads_to_drafters(heads: list[DraftHead], specs: list[TreeSpec]) -> list[HeadDrafter]:
+def heads_to_drafters(heads: list[AnyHead], specs: list[TreeSpec]) -> list[HeadDrafter]:
     if len(specs) != len(heads):
         raise ValueError(f"{len(heads)} heads but {len(specs)} tree specs")
     return [HeadDrafter(h, s, index=i) for i, (h, s) in enumerate(zip(heads, specs, strict=True))]

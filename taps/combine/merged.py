@@ -14,7 +14,7 @@ from taps.combine.group import DrafterGroup, heads_to_drafters, split_budget
 from taps.engine.decoder import Proposer
 from taps.engine.drafting import TreeSpec
 from taps.engine.tree import DraftTree
-from taps.models.draft_head import DraftHead
+from taps.models.heads import AnyHead
 
 BUDGETS = ("full", "matched")
 
@@ -70,7 +70,7 @@ class MergedTrees(DrafterGroup):
 
 
 def build(
-    heads: list[DraftHead], spec: TreeSpec, budget: str = "full", dedup: bool = True
+    heads: list[AnyHead], spec: TreeSpec, budget: str = "full", dedup: bool = True
 ) -> MergedTrees:
     if budget not in BUDGETS:
         raise ValueError(f"routing.budget={budget!r}: expected one of {BUDGETS}")

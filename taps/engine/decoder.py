@@ -15,25 +15,25 @@ from torch import Tensor
 from taps.engine.stats import CycleStats, Generation
 from taps.engine.tree import DraftTree, verification_inputs
 from taps.engine.verify import NodeLogits, accept_greedy, accept_sampling, target_probs
-from taps.models.draft_head import DraftHead
+from taps.models.heads import AnyHead
 from taps.models.linear import fast_linear
-from taps.models.llama import Llama
+from taps.models.llama import Llama, TargetStates
 
 
 class Proposer(Protocol):
     max_tree: int  # most tokens a proposed tree holds, root included
 
-    def start(self, features: Tensor, next_tokens: Tensor, max_len: int) -> None:
-        """Prefill on the prompt's target features [n, h] and prompt[1:] + root."""
+    def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
+        """Prefill on the prompt's target states (n positions) and prompt[1:] + root."""
 
     def propose(self) -> DraftTree:
         """A tree rooted at the current root, built from the committed state."""
 
-    def commit(self, features: Tensor, next_tokens: Tensor) -> None:
-        """Catch up on the accepted path's features and the tokens that followed them."""
+    def commit(self, states: TargetStates, next_tokens: Tensor) -> None:
+        """Catch up on the accepted path's target states and the tokens that followed them."""
 
     @property
-    def heads(self) -> list[DraftHead]:
+    def heads(self) -> list[AnyHead]:
         """The draft heads it drafts with, in order (cast for serving, exported, counted)."""
 
 
@@ -44,15 +44,20 @@ def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator
     return int(torch.multinomial(p.float(), 1, generator=gen))
 
 
-def _finite(feats: Tensor, where: str) -> Tensor:
+def aux_layers(proposer: Proposer) -> tuple[int, ...]:
+    """The target layers whose hidden streams the proposer's heads read (EAGLE-3), sorted."""
+    return tuple(sorted({i for h in proposer.heads for i in getattr(h, "aux_layers", ())}))
+
+
+def _finite(states: TargetStates, where: str) -> TargetStates:
     """The target's hidden states, refused when non-finite: NaN logits would make every draft
     "accepted" (NaN comparisons) and report a meaningless tau."""
-    if not torch.isfinite(feats).all():
+    if not torch.isfinite(states.final).all():
         raise FloatingPointError(
             f"the target's hidden states are non-finite at {where}: its weights are damaged or "
             "its dtype overflows (try eval.dtype=float32)"
         )
-    return feats
+    return states
 
 
 def _extend(out: list[int], new: list[int], eos_ids: set[int], limit: int) -> bool:
@@ -136,8 +141,9 @@ class SpeculativeDecoder:
         max_len = len(prompt) + max_new_tokens + 1
         cache = self.target.new_cache(max_len + self.proposer.max_tree)
         ids = torch.tensor([prompt], device=dev)
-        feats = _finite(self.target(ids, cache=cache)[0], "prefill")
-        root = _pick(self.target.logits(feats[-1]), temperature, top_p, generator)
+        layers = aux_layers(self.proposer)
+        feats = _finite(self.target.states(ids, cache=cache, capture=layers)[0], "prefill")
+        root = _pick(self.target.logits(feats.final[-1]), temperature, top_p, generator)
         out: list[int] = []
         done = _extend(out, [root], self.eos_ids, max_new_tokens)
         if not done:
@@ -148,9 +154,10 @@ class SpeculativeDecoder:
             tick("draft")
             prefix = cache.length
             tokens, positions, mask = verification_inputs(tree, prefix, dev)
-            feats = _finite(self.target(tokens, positions, cache, mask)[0], "verification")
+            states = self.target.states(tokens, positions, cache, mask, layers)
+            feats = _finite(states[0], "verification")
             tick("verify")
-            logits = self.tree_logits(tree, feats)
+            logits = self.tree_logits(tree, feats.final)
             gen.target_forwards += 1
             if temperature <= 0:
                 path, bonus = accept_greedy(tree, logits)

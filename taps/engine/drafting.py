@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from taps.engine.tree import DraftTree
-from taps.models.draft_head import DraftHead
+from taps.models.heads import AnyHead
+from taps.models.llama import TargetStates
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def _log_softmax(logits: Tensor) -> Tensor:
 
 
 class HeadDrafter:
-    def __init__(self, head: DraftHead, spec: TreeSpec, index: int = 0) -> None:
+    def __init__(self, head: AnyHead, spec: TreeSpec, index: int = 0) -> None:
         self.head = head
         self.spec = spec
         self.index = index
@@ -48,7 +49,7 @@ class HeadDrafter:
         self.max_tree = spec.total_tokens
 
     @property
-    def heads(self) -> list[DraftHead]:
+    def heads(self) -> list[AnyHead]:
         return [self.head]
 
     @property
@@ -56,21 +57,21 @@ class HeadDrafter:
         return self.head.fc.weight.device
 
     @torch.no_grad()
-    def start(self, features: Tensor, next_tokens: Tensor, max_len: int) -> None:
-        """Prefill: features [n, h] of the prompt, next_tokens [n] = prompt[1:] + root."""
+    def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
+        """Prefill: the prompt's target states, next_tokens [n] = prompt[1:] + root."""
         need = max_len + self.spec.top_k * (self.spec.depth + 1)
         if self.cache is None or self.cache.max_len < need:
             self.cache = self.head.new_cache(need)
         self.cache.truncate(0)
-        self.commit(features, next_tokens)
+        self.commit(states, next_tokens)
 
     @torch.no_grad()
-    def commit(self, features: Tensor, next_tokens: Tensor) -> None:
-        """Catch up on accepted pairs: target features of the root and accepted nodes, each
-        paired with the token that followed it (the last one being the new root)."""
-        g = self.head(
-            features[None].to(self.device), next_tokens[None].to(self.device), cache=self.cache
-        )
+    def commit(self, states: TargetStates, next_tokens: Tensor) -> None:
+        """Catch up on accepted pairs: target states of the root and accepted nodes, each
+        paired with the token that followed it (the last one being the new root). The head
+        takes what it reads from them: f for EAGLE-1/2, fc of its layers for EAGLE-3."""
+        x = self.head.input_features(states).to(self.device, self.head.fc.weight.dtype)
+        g = self.head(x[None], next_tokens[None].to(self.device), cache=self.cache)
         self.last_g = g[0, -1]
         self.root = int(next_tokens[-1])
 

@@ -11,25 +11,20 @@ a small head's cost; drafted indices are mapped back to target ids with `to_targ
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from taps.models.linear import Linear, linear
-from taps.models.llama import DecoderLayer, KVCache, Llama, Rotary
-
-log = logging.getLogger(__name__)
+from taps.models.llama import DecoderLayer, KVCache, Llama, Rotary, TargetStates
 
 # Bump when the head's architecture or parameter naming changes: it is part of cache keys.
 HEAD_VERSION = "eagle-head-v1"
 
 
 class DraftHead(nn.Module):
+    kind = "eagle2"
+    aux_layers: tuple[int, ...] = ()  # reads the target's final features only
+
     def __init__(
         self,
         config,
@@ -94,6 +89,20 @@ class DraftHead(nn.Module):
             cache.advance(n)
         return out
 
+    def input_features(self, states: TargetStates) -> Tensor:
+        """What the head takes from the target at committed positions: f, after the final norm."""
+        return states.final
+
+    @property
+    def bias(self) -> bool:
+        return self.fc.bias is not None
+
+    @property
+    def target_head_weight(self) -> Tensor:
+        """The target's LM-head rows of the draft vocabulary (training targets p); the head
+        drafts with these same frozen rows."""
+        return self.lm_head_weight
+
     @property
     def vocab_size(self) -> int:
         return self.lm_head_weight.shape[0]
@@ -115,76 +124,3 @@ def with_full_vocab(head: DraftHead) -> DraftHead:
     )
     full.load_state_dict({k: v for k, v in head.state_dict().items() if k != "d2t"})
     return full.to(head.fc.weight.device, head.fc.weight.dtype).eval()
-
-
-def save_head(head: DraftHead, directory: str | Path, meta: dict) -> None:
-    """Weights as safetensors and a JSON config recording target, data and training settings."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
-    save_file(state, str(directory / "head.safetensors"))
-    meta = {
-        **meta,
-        "head_version": HEAD_VERSION,
-        "bias": head.fc.bias is not None,
-        "draft_vocab": head.vocab_size if head.d2t is not None else None,
-        # The LM head is the target's and is not saved: record its size to catch a mismatch.
-        "target_vocab": head.lm_head_full.shape[0],
-    }
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-
-
-def load_head(
-    directory: str | Path, target: Llama, target_key: str | None = None
-) -> tuple[DraftHead, dict]:
-    """Load a head saved by `save_head` onto `target`. A checkpoint for another target (hidden
-    size or vocabulary) or an unreadable file is a ValueError naming the file; a different
-    `target_key` (same shapes, other weights) only warns, as the head may still draft well."""
-    directory = Path(directory)
-    cfg_file, weights = directory / "config.json", directory / "head.safetensors"
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise ValueError(f"{f}: missing (not a drafter saved by taps?)")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:  # garbage or truncated bytes
-        raise ValueError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
-    if "fc.weight" not in state:
-        raise ValueError(f"{weights}: no 'fc.weight' (not a taps draft head)")
-    h = target.config.hidden_size
-    if state["fc.weight"].shape != (h, 2 * h):
-        raise ValueError(
-            f"{directory}: head hidden size {state['fc.weight'].shape[0]} does not match "
-            f"the target's {h} (checkpoint for another target?)"
-        )
-    vocab = target.lm_head.weight.shape[0]
-    saved_vocab = meta.get("target_vocab")  # absent in heads saved before it was recorded
-    d2t = state.get("d2t")
-    if (saved_vocab is not None and saved_vocab != vocab) or (
-        d2t is not None and d2t.numel() and int(d2t.max()) >= vocab
-    ):
-        got = saved_vocab if saved_vocab is not None else f"> {int(d2t.max())}"  # type: ignore[union-attr]
-        raise ValueError(
-            f"{directory}: head was trained for a vocabulary of {got} tokens, the target has "
-            f"{vocab} (checkpoint for another target?)"
-        )
-    saved = meta.get("target") if isinstance(meta.get("target"), dict) else {}
-    target_key = target_key or getattr(target, "target_key", None)  # set by models.target.Target
-    saved_key = saved.get("key")
-    if target_key is not None and saved_key is not None and saved_key != target_key:
-        log.warning(
-            "%s was trained on target %s (key %s), not this one (key %s): acceptance may be poor",
-            directory,
-            saved.get("name"),
-            saved_key,
-            target_key,
-        )
-    head = DraftHead.for_target(target, bias=bool(meta.get("bias", True)), d2t=d2t)
-    head.load_state_dict(state)
-    return head.to(target.lm_head.weight.device).eval(), meta

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head
+from taps.models.draft_head import HEAD_VERSION, DraftHead
+from taps.models.heads import load_head
 from taps.models.llama import Llama
 from taps.paths import temp_dir_beside
 

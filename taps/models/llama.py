@@ -9,6 +9,8 @@ plain sight. Parameter names match `LlamaForCausalLM`, so its state dict loads u
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,9 +127,12 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, in_features: int | None = None) -> None:
+        """`in_features`: width of the attention input when it is not the hidden size (EAGLE-3's
+        layer attends over concat(embedding, hidden), 2h wide)."""
         super().__init__()
         h = config.hidden_size
+        d_in = in_features or h
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or h // self.n_heads
@@ -136,9 +141,9 @@ class Attention(nn.Module):
         family = getattr(config, "model_type", "llama")
         bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = bias or family == "qwen2"
-        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
-        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.q_proj = Linear(d_in, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d_in, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d_in, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=bias and family != "qwen2")
         self.qk_norm = family == "qwen3"
         if self.qk_norm:
@@ -230,6 +235,20 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@dataclass
+class TargetStates:
+    """The target's hidden states that drafters read: `final` after the final norm (f, what
+    EAGLE-1/2 heads take and the LM head multiplies) and `layers` {i: the hidden stream
+    entering decoder layer i, before any norm} (EAGLE-3's auxiliary states; i = number of
+    layers is the last layer's output). Indexing selects positions of every tensor."""
+
+    final: Tensor
+    layers: dict[int, Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, index: object) -> TargetStates:
+        return TargetStates(self.final[index], {i: t[index] for i, t in self.layers.items()})
+
+
 class Llama(nn.Module):
     """Decoder-only Llama; `forward` returns final-normed hidden states (the features f)."""
 
@@ -272,17 +291,40 @@ class Llama(nn.Module):
     ) -> Tensor:
         """input_ids [B, n]; positions [B, n] (default: after the cache); mask bool [n, ctx]
         (True = may attend) over cache slots then the new ones. Advances the cache by n."""
+        return self.states(input_ids, positions, cache, mask).final
+
+    def states(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: Tensor | None = None,
+        capture: Collection[int] = (),
+    ) -> TargetStates:
+        """`forward`, also keeping the hidden stream entering each layer id in `capture` (vLLM's
+        convention for EAGLE-3's auxiliary layers: id k = the state after k layers)."""
         b, n = input_ids.shape
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + n, device=input_ids.device).expand(b, n)
+        n_layers = len(self.model.layers)
+        bad = [i for i in capture if not 0 <= i <= n_layers]
+        if bad:
+            raise ValueError(
+                f"auxiliary layer ids {bad} outside 0..{n_layers} (the target's layers)"
+            )
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        for layer in self.model.layers:
+        kept: dict[int, Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in capture:
+                kept[i] = x
             x = layer(x, rope, cache, mask)
+        if n_layers in capture:
+            kept[n_layers] = x
         if cache is not None:
             cache.advance(n)
-        return self.model.norm(x)
+        return TargetStates(self.model.norm(x), kept)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from taps.data.benchmarks import load_benchmark
 from taps.data.template import prompt_ids
-from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
+from taps.engine.decoder import SpeculativeDecoder, aux_layers, vanilla_generate
 from taps.engine.tree import verification_inputs
 from taps.engine.verify import accept_greedy
 from taps.memory import PeakMemory
@@ -178,9 +178,10 @@ def unit_costs(decoder: SpeculativeDecoder, prompt: list[int], reps: int = 5) ->
     target, proposer = decoder.target, decoder.proposer
     dev = target.lm_head.weight.device
     cache = target.new_cache(len(prompt) + 256)
-    feats = target(torch.tensor([prompt], device=dev), cache=cache)[0]
-    root = int(target.logits(feats[-1]).argmax())
-    proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), len(prompt) + 256)
+    ids = torch.tensor([prompt], device=dev)
+    states = target.states(ids, cache=cache, capture=aux_layers(proposer))[0]
+    root = int(target.logits(states.final[-1]).argmax())
+    proposer.start(states, torch.tensor(prompt[1:] + [root], device=dev), len(prompt) + 256)
     prefix = cache.length
     tree = proposer.propose()
     tokens, pos, mask = verification_inputs(tree, prefix, dev)

@@ -1,4 +1,5 @@
 """Training pairs from cached features: input (f_t, x_{t+1}), target f_{t+1}, mask[t+1].
+For EAGLE-3 heads the input features are the auxiliary layers at t (FeatureSet.aux).
 
 The mask is shifted together with the target (the reference code did not, leaving the first
 assistant position unsupervised): position t is trained when x_{t+1} is an assistant token,
@@ -24,16 +25,17 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids, f, m = self.fs.example(i)
-        return {"f_in": f[:-1], "tokens": ids[1:], "f_next": f[1:], "mask": m[1:]}
+        f_in = f if self.fs.aux is None else self.fs.inputs(i)
+        return {"f_in": f_in[:-1], "tokens": ids[1:], "f_next": f[1:], "mask": m[1:]}
 
 
 def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding has mask 0 and sits after real positions."""
     n = max(len(b["tokens"]) for b in batch)
-    h = batch[0]["f_in"].shape[-1]
+    w, h = batch[0]["f_in"].shape[-1], batch[0]["f_next"].shape[-1]
     out = {
-        "f_in": torch.zeros(len(batch), n, h, dtype=batch[0]["f_in"].dtype),
-        "f_next": torch.zeros(len(batch), n, h, dtype=batch[0]["f_in"].dtype),
+        "f_in": torch.zeros(len(batch), n, w, dtype=batch[0]["f_in"].dtype),
+        "f_next": torch.zeros(len(batch), n, h, dtype=batch[0]["f_next"].dtype),
         "tokens": torch.zeros(len(batch), n, dtype=torch.long),
         "mask": torch.zeros(len(batch), n, dtype=torch.uint8),
     }

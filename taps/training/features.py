@@ -2,7 +2,9 @@
 
 One target forward per conversation gives f_t (after the final norm) at every position. We
 store input_ids, f (bfloat16 by default) and the assistant loss mask; logits are W f, so they
-are recomputed in training rather than stored.
+are recomputed in training rather than stored. For EAGLE-3 drafters the same pass also keeps
+the hidden streams entering the auxiliary layers (`aux_layers`), concatenated: [total, k h];
+they are stored only for drafters that read them, and their ids enter the cache key.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from taps.data.conversations import Conversation, DataError
 from taps.data.template import tokenize_conversation
 from taps.models.target import DTYPES, Target, in_dtype
 from taps.paths import atomic_dir, content_key, file_lock, verify_entry
+from taps.training.rowfile import RowFile, RowWriter
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +34,11 @@ FEATURES_VERSION = "features-v1"
 @dataclass
 class FeatureSet:
     input_ids: torch.Tensor  # [total] int64
-    features: torch.Tensor  # [total, h]
+    features: torch.Tensor | RowFile  # [total, h]; a RowFile reads rows from disk
     loss_mask: torch.Tensor  # [total] uint8
     offsets: torch.Tensor  # [examples + 1]
     meta: dict
+    aux: torch.Tensor | RowFile | None = None  # [total, k h]: EAGLE-3's layers, concatenated
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -42,6 +46,11 @@ class FeatureSet:
     def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.input_ids[a:b], self.features[a:b], self.loss_mask[a:b]
+
+    def inputs(self, i: int) -> torch.Tensor:
+        """The head's input features of example i: aux layers if stored, else f."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return (self.features if self.aux is None else self.aux)[a:b]
 
     @property
     def tokens(self) -> int:
@@ -54,6 +63,7 @@ def features_key(
     max_len: int,
     dtype: str,
     compute_dtype: str | None = None,
+    aux_layers: tuple[int, ...] = (),
 ) -> str:
     ids = [
         (c.source, c.id, content_key([m["content"] for m in c.messages], length=8))
@@ -67,6 +77,7 @@ def features_key(
         dtype,
         compute_dtype,
         ids,
+        *([["aux_layers", list(aux_layers)]] if aux_layers else []),  # EAGLE-2 keys unchanged
     )
 
 
@@ -117,7 +128,100 @@ def source_stats(ids: list[list[int]], masks: list[list[int]], sources: list[str
     return by
 
 
+class _Memory:
+    """Where computed rows go for an in-memory FeatureSet: preallocated tensors."""
+
+    def __init__(self, total: int, width: int, aux_width: int, dtype: torch.dtype) -> None:
+        self.features = torch.empty(total, width, dtype=dtype)
+        self.aux = torch.empty(total, aux_width, dtype=dtype) if aux_width else None
+
+    def write(self, first: int, f: torch.Tensor, aux: torch.Tensor | None) -> None:
+        self.features[first : first + len(f)] = f
+        if self.aux is not None:
+            self.aux[first : first + len(f)] = aux
+
+
+class _File:
+    """Where computed rows go for a cached FeatureSet: straight into features.safetensors."""
+
+    def __init__(self, writer: RowWriter) -> None:
+        self.writer = writer
+
+    def write(self, first: int, f: torch.Tensor, aux: torch.Tensor | None) -> None:
+        self.writer.write("features", first, f)
+        if aux is not None:
+            self.writer.write("aux", first, aux)
+
+
+@dataclass
+class _Plan:
+    """The tokenized conversations of a feature pass and the layout of its rows."""
+
+    ids: list[list[int]]
+    masks: list[list[int]]
+    sources: list[str]
+    skipped: int
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return torch.tensor([0] + [len(s) for s in self.ids]).cumsum(0)
+
+    @property
+    def total(self) -> int:
+        return sum(map(len, self.ids))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": torch.tensor([t for s in self.ids for t in s], dtype=torch.long),
+            "loss_mask": torch.tensor([t for s in self.masks for t in s], dtype=torch.uint8),
+            "offsets": self.offsets,
+        }
+
+
+def _plan(target: Target, conversations: list[Conversation], max_len: int) -> _Plan:
+    ids, masks, sources = tokenize_all(target, conversations, max_len)
+    if not ids:
+        raise DataError("no conversation had an assistant turn to supervise (data.components)")
+    return _Plan(ids, masks, sources, len(conversations) - len(ids))
+
+
 @torch.no_grad()
+def _run_pass(
+    target: Target,
+    plan: _Plan,
+    sink: _Memory | _File,
+    store_dtype: str,
+    compute_dtype: str | None,
+    aux_layers: tuple[int, ...],
+    desc: str,
+    batch_tokens: int = 4096,
+) -> dict:
+    """One target forward per conversation, rows written to `sink`; returns the pass's meta."""
+    model = in_dtype(target.model, compute_dtype)
+    bar = tqdm(total=plan.total, desc=desc, unit="tok", unit_scale=True)
+    t0 = time.perf_counter()
+    pad = target.tokenizer.pad_token_id or 0
+    _forward_all(model, plan, pad, target.device, DTYPES[store_dtype], batch_tokens, bar,
+                 aux_layers, sink)  # fmt: skip
+    bar.close()
+    secs = time.perf_counter() - t0
+    meta = {
+        "examples": len(plan.ids),
+        "skipped": plan.skipped,
+        "tokens": plan.total,
+        "supervised_tokens": int(sum(sum(m) for m in plan.masks)),
+        "seconds": round(secs, 2),
+        "tokens_per_s": round(plan.total / max(secs, 1e-9), 1),
+        "store_dtype": store_dtype,
+        "compute_dtype": str(next(model.parameters()).dtype),
+        "aux_layers": list(aux_layers) or None,
+        "by_source": source_stats(plan.ids, plan.masks, plan.sources),
+    }
+    log.info("%s: %d examples, %d tokens in %.0f s (%.0f tok/s)", desc, len(plan.ids),
+             plan.total, secs, meta["tokens_per_s"])  # fmt: skip
+    return meta
+
+
 def compute_features(
     target: Target,
     conversations: list[Conversation],
@@ -126,64 +230,36 @@ def compute_features(
     batch_tokens: int = 4096,
     desc: str = "features",
     compute_dtype: str | None = None,
+    aux_layers: tuple[int, ...] = (),
 ) -> FeatureSet:
-    """`compute_dtype` runs the target forward in another precision (bfloat16 is about 2.6x
-    faster than float32 on these CPUs); the stored features are rounded to `store_dtype`."""
-    ids, masks, sources = tokenize_all(target, conversations, max_len)
-    skipped = len(conversations) - len(ids)
-    if not ids:
-        raise DataError("no conversation had an assistant turn to supervise (data.components)")
-    model = in_dtype(target.model, compute_dtype)
-    total = sum(map(len, ids))
-    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
-    t0 = time.perf_counter()
-    pad = target.tokenizer.pad_token_id or 0
-    out = _forward_all(model, ids, pad, target.device, DTYPES[store_dtype], batch_tokens, bar)
-    bar.close()
-    secs = time.perf_counter() - t0
-    lengths = torch.tensor([0] + [len(s) for s in ids])
-    meta = {
-        "examples": len(ids),
-        "skipped": skipped,
-        "tokens": total,
-        "supervised_tokens": int(sum(sum(m) for m in masks)),
-        "seconds": round(secs, 2),
-        "tokens_per_s": round(total / max(secs, 1e-9), 1),
-        "store_dtype": store_dtype,
-        "compute_dtype": str(next(model.parameters()).dtype),
-        "max_len": max_len,
-        "by_source": source_stats(ids, masks, sources),
-    }
-    log.info(
-        "%s: %d examples, %d tokens in %.0f s (%.0f tok/s)",
-        desc,
-        len(ids),
-        total,
-        secs,
-        meta["tokens_per_s"],
-    )
-    return FeatureSet(
-        input_ids=torch.tensor([t for s in ids for t in s], dtype=torch.long),
-        features=torch.cat(out),
-        loss_mask=torch.tensor([t for s in masks for t in s], dtype=torch.uint8),
-        offsets=lengths.cumsum(0),
-        meta=meta,
-    )
+    """Features in memory. `compute_dtype` runs the target forward in another precision
+    (bfloat16 is about 2.6x faster than float32 on these CPUs); the stored features are
+    rounded to `store_dtype`. `aux_layers`: also keep those layers' hidden streams (EAGLE-3)."""
+    plan = _plan(target, conversations, max_len)
+    h = target.model.config.hidden_size
+    sink = _Memory(plan.total, h, h * len(aux_layers), DTYPES[store_dtype])
+    meta = _run_pass(target, plan, sink, store_dtype, compute_dtype, aux_layers, desc,
+                     batch_tokens)  # fmt: skip
+    t = plan.tensors()
+    return FeatureSet(t["input_ids"], sink.features, t["loss_mask"], t["offsets"],
+                      {**meta, "max_len": max_len}, sink.aux)  # fmt: skip
 
 
 def _forward_all(
     model: torch.nn.Module,
-    ids: list[list[int]],
+    plan: _Plan,
     pad: int,
     device: torch.device | str,
     dtype: torch.dtype,
     batch_tokens: int,
     bar: tqdm,
-) -> list[torch.Tensor]:
-    """The features of every sequence of `ids` (in `dtype`, on the CPU), computed in batches
-    of about `batch_tokens` tokens."""
+    aux_layers: tuple[int, ...],
+    sink: _Memory | _File,
+) -> None:
+    """The features of every sequence (in `dtype`), and its auxiliary layers concatenated,
+    computed in batches of about `batch_tokens` tokens and written to `sink` at its offset."""
+    ids, offsets = plan.ids, plan.offsets.tolist()
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: list[torch.Tensor | None] = [None] * len(ids)
     i = 0
     while i < len(order):
         # Length-sorted batches, right-padded: causal attention never lets a real position
@@ -194,17 +270,28 @@ def _forward_all(
         x = torch.full((len(batch), width), pad, dtype=torch.long)
         for r, j in enumerate(batch):
             x[r, : len(ids[j])] = torch.tensor(ids[j])
-        f = model(x.to(device)).to(dtype).cpu()
+        states = model.states(x.to(device), capture=aux_layers)
+        f = states.final.to(dtype).cpu()
+        a = _concat(states.layers, aux_layers, dtype)
         for r, j in enumerate(batch):
-            out[j] = f[r, : len(ids[j])]
-            if not torch.isfinite(out[j]).all():  # never cache (or train on) NaN features
+            n = len(ids[j])
+            fr, ar = f[r, :n], None if a is None else a[r, :n]
+            if not fr.isfinite().all() or (ar is not None and not ar.isfinite().all()):
+                # never cache (or train on) NaN features
                 raise FloatingPointError(
                     f"the target computed non-finite features for training sequence {j} "
-                    f"({len(ids[j])} tokens): its weights may be damaged, or {dtype} overflows"
+                    f"({n} tokens): its weights may be damaged, or {dtype} overflows"
                 )
+            sink.write(offsets[j], fr, ar)
         bar.update(sum(len(ids[j]) for j in batch))
         i += rows
-    return out  # type: ignore[return-value]
+
+
+def _concat(
+    layers: dict[int, torch.Tensor], ids: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The auxiliary layers in the head's order, concatenated on the last axis (CPU, `dtype`)."""
+    return torch.cat([layers[i] for i in ids], dim=-1).to(dtype).cpu() if ids else None
 
 
 def cached_features(
@@ -215,19 +302,30 @@ def cached_features(
     store_dtype: str = "bfloat16",
     desc: str = "features",
     compute_dtype: str | None = None,
+    aux_layers: tuple[int, ...] = (),
 ) -> FeatureSet:
-    """Load the features for exactly these conversations on this target, computing them once."""
-    key = features_key(target, conversations, max_len, store_dtype, compute_dtype)
+    """The features for exactly these conversations on this target, computed once. Features
+    (and auxiliary layers) stay on disk and are read an example at a time (`RowFile`)."""
+    key = features_key(target, conversations, max_len, store_dtype, compute_dtype, aux_layers)
     path = Path(cache_dir) / "features" / key
     if not (path / "features.safetensors").is_file():
         with file_lock(Path(cache_dir) / "locks" / f"features-{key}", f"features {desc}"):
             if not (path / "features.safetensors").is_file():
                 _compute_and_store(target, conversations, path, key, max_len, store_dtype,
-                                   desc, compute_dtype)  # fmt: skip
+                                   desc, compute_dtype, aux_layers)  # fmt: skip
     verify_entry(path, "cached target features")  # every byte as computed, or an error
-    t = load_file(str(path / "features.safetensors"))
+    f = path / "features.safetensors"
+    small = safe_open_small(f, ("input_ids", "loss_mask", "offsets"))
     meta = json.loads((path / "meta.json").read_text())
-    return FeatureSet(t["input_ids"], t["features"], t["loss_mask"], t["offsets"], meta)
+    aux = RowFile(f, "aux") if aux_layers else None
+    return FeatureSet(small["input_ids"], RowFile(f, "features"), small["loss_mask"],
+                      small["offsets"], meta, aux)  # fmt: skip
+
+
+def safe_open_small(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Just these tensors of a safetensors file (the ids and masks, not the features)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {n: f.get_tensor(n) for n in names}
 
 
 def _compute_and_store(
@@ -239,18 +337,26 @@ def _compute_and_store(
     store_dtype: str,
     desc: str,
     compute_dtype: str | None,
+    aux_layers: tuple[int, ...],
 ) -> None:
-    fs = compute_features(
-        target, conversations, max_len, store_dtype, desc=desc, compute_dtype=compute_dtype
-    )
+    plan = _plan(target, conversations, max_len)
+    h, dtype = target.model.config.hidden_size, DTYPES[store_dtype]
+    small = plan.tensors()
+    specs = {"input_ids": (torch.long, (plan.total,)), "features": (dtype, (plan.total, h))}
+    if aux_layers:
+        specs["aux"] = (dtype, (plan.total, h * len(aux_layers)))
+    specs |= {
+        "loss_mask": (torch.uint8, (plan.total,)),
+        "offsets": (torch.long, (len(plan.ids) + 1,)),
+    }
     with atomic_dir(path) as tmp:
-        save_file(
-            {
-                "input_ids": fs.input_ids,
-                "features": fs.features.contiguous(),
-                "loss_mask": fs.loss_mask,
-                "offsets": fs.offsets,
-            },
-            str(tmp / "features.safetensors"),
-        )
-        (tmp / "meta.json").write_text(json.dumps({**fs.meta, "key": key}, indent=2))
+        writer = RowWriter(tmp / "features.safetensors", specs)
+        try:
+            for name, t in small.items():
+                writer.write(name, 0, t)
+            meta = _run_pass(target, plan, _File(writer), store_dtype, compute_dtype,
+                             aux_layers, desc)  # fmt: skip
+        finally:
+            writer.close()
+        (tmp / "meta.json").write_text(json.dumps({**meta, "max_len": max_len, "key": key},
+                                                  indent=2))  # fmt: skip

@@ -1,6 +1,6 @@
 """Held-out drafter metrics under the drafter's own rollout, as it will draft at inference.
 
-`hass_forward` gives g^d[t]: the head's output at position t when its context holds real
+`rollout` gives g^d[t]: the head's output at position t when its context holds real
 features only up to t-d+1 and its own predictions after that, i.e. depth d of a draft chain
 that started after position t-d+1. Top-1 at depth d compares its argmax with the target's
 (full-vocabulary) argmax. A chain drafted after position s is accepted through depth d when
@@ -14,13 +14,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from taps.models.draft_head import DraftHead
+from taps.models.heads import AnyHead
+from taps.training.eagle3 import ttt_forward
 from taps.training.hass import hass_forward
+
+
+def rollout(head: AnyHead, f_in: Tensor, tokens: Tensor, depth: int) -> list[Tensor]:
+    """The head's outputs at draft depths 1..depth from every position, as it drafts: HASS's
+    context alignment for EAGLE-1/2 heads, training-time test for EAGLE-3 heads."""
+    if getattr(head, "kind", "eagle2") == "eagle3":
+        return ttt_forward(head, head.fuse(f_in), tokens, depth)
+    return hass_forward(head, f_in, tokens, depth)
 
 
 @torch.no_grad()
 def rollout_metrics(
-    head: DraftHead, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor, depth: int
+    head: AnyHead, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor, depth: int
 ) -> dict[str, Tensor]:
     sel = mask.bool()
     count = sel.sum().clamp(min=1)
@@ -30,7 +39,7 @@ def rollout_metrics(
     run = sel.clone()
     accepted = torch.zeros((), device=sel.device)
     out: dict[str, Tensor] = {}
-    for d, g in enumerate(hass_forward(head, f_in, tokens, depth)):
+    for d, g in enumerate(rollout(head, f_in, tokens, depth)):
         right = torch.zeros_like(sel)
         right[sel] = head.to_target(head.logits(g[sel]).argmax(-1)) == want
         out[f"top1_d{d + 1}"] = right.sum() / count

@@ -6,6 +6,8 @@ in the loss (ALGORITHMS.md section 3):
 - `Eagle2Objective`: SmoothL1 on features + soft cross-entropy on tokens (`eagle_loss`).
 - `HassObjective`: the same losses summed over `steps` harmonized context-alignment steps, plus
   top-K distillation (`hass_loss`).
+- `Eagle3Objective`: an EAGLE-3 head's training-time test, cross-entropy only (`eagle3_loss`);
+  its f_in are the target's concatenated auxiliary layers.
 
 `first_stage()` is the objective of the first stage of a two-stage schedule
 (`drafter.two_stage`): HASS's reference trains its first epochs without distillation.
@@ -19,6 +21,8 @@ from typing import Protocol
 from torch import Tensor
 
 from taps.models.draft_head import DraftHead
+from taps.models.eagle3_head import Eagle3Head
+from taps.training.eagle3 import eagle3_loss
 from taps.training.hass import HassConfig, hass_loss
 from taps.training.losses import LossWeights, eagle_loss
 
@@ -75,3 +79,23 @@ class HassObjective(Eagle2Objective):
     def first_stage(self) -> Objective:
         """The reference's first stage: context alignment without top-K distillation."""
         return replace(self, topk_weight=0.0)
+
+
+@dataclass(frozen=True)
+class Eagle3Objective:
+    steps: int = 7  # training-time test depth (reference 7)
+    decay: float = 0.8  # weight of step k is decay^(k-1) (reference 0.8)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not 0 < self.decay <= 1:
+            raise ValueError(f"drafter.ttt_steps={self.steps} must be >= 1, decay in (0, 1]")
+
+    def __call__(
+        self, head: Eagle3Head, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if not isinstance(head, Eagle3Head):
+            raise TypeError("Eagle3Objective trains an EAGLE-3 head (drafter.kind=eagle3)")
+        return eagle3_loss(head, f_in, tokens, f_next, mask, self.steps, self.decay)
+
+    def first_stage(self) -> Objective:
+        raise ValueError("drafter.two_stage applies to HassObjective; Eagle3Objective has none")

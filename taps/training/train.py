@@ -25,7 +25,8 @@ from torch import Tensor
 from taps.data.conversations import DataError
 from taps.data.mixture import build_mixture, select_budget
 from taps.memory import PeakMemory
-from taps.models.draft_head import HEAD_VERSION, DraftHead, load_head, save_head
+from taps.models.eagle3_head import default_aux_layers
+from taps.models.heads import VERSIONS, AnyHead, build_head, check_kind, load_head, save_head
 from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import Target
 from taps.paths import atomic_dir, content_key, file_lock, verify_entry
@@ -71,6 +72,12 @@ def _resolved_trainer(trainer: DictConfig) -> DictConfig:
 def _weight_settings(trainer: DictConfig) -> dict:
     """The trainer settings that can change the weights (in the key and the metadata)."""
     return {k: v for k, v in _plain(trainer).items() if k not in _COSMETIC}
+
+
+def aux_layer_ids(drafter: DictConfig, n_layers: int) -> tuple[int, ...]:
+    """drafter.aux_layers, or the reference's (2, L/2, L-3) when it is null."""
+    ids = drafter.get("aux_layers")
+    return default_aux_layers(n_layers) if ids is None else tuple(int(i) for i in ids)
 
 
 def build_objective(drafter: DictConfig) -> Objective:
@@ -124,6 +131,18 @@ class _Job:
     seed: int
 
     @property
+    def kind(self) -> str:
+        return str(self.drafter.get("kind", "eagle2"))
+
+    @property
+    def aux_layers(self) -> tuple[int, ...]:
+        """The target layers an EAGLE-3 head fuses (resolved: the reference's defaults when
+        drafter.aux_layers is null); none for EAGLE-1/2 heads."""
+        if self.kind != "eagle3":
+            return ()
+        return aux_layer_ids(self.drafter, self.target.model.config.num_hidden_layers)
+
+    @property
     def work(self) -> Path:
         """Work in progress (checkpoint, metrics) beside the cache entry."""
         return self.out.with_name(self.out.name + ".partial")
@@ -159,7 +178,7 @@ def ensure_drafter(
     seed: int = 42,
     lightning_logger: Any = None,
     callbacks: list | None = None,
-) -> tuple[DraftHead, dict]:
+) -> tuple[AnyHead, dict]:
     """Return a trained head for (target, drafter, data, trainer), training it if missing.
     An interrupted training resumes from its last checkpoint on the next call.
     A drafter with `path` (drafter=eagle_pretrained) is loaded as published, without training.
@@ -183,7 +202,7 @@ def ensure_drafter(
     return _load_cached(job.out, target)
 
 
-def _load_cached(out: Path, target: Target) -> tuple[DraftHead, dict]:
+def _load_cached(out: Path, target: Target) -> tuple[AnyHead, dict]:
     """A cached drafter, every file checked against the manifest it was built with; the head
     file's digest joins its metadata, so the cells it decodes are tied to these bytes."""
     digests = verify_entry(out, "the cached drafter")
@@ -201,6 +220,7 @@ def _resolve(
     seed: int,
 ) -> _Job:
     """Select (and regenerate) the data and compute the drafter's cache key and entry."""
+    check_kind(str(drafter.get("kind", "eagle2")))
     objective = build_objective(drafter)  # a bad objective fails before any data is read
     stage2 = _two_stage(drafter, objective)
     split = build_mixture(
@@ -214,12 +234,15 @@ def _resolve(
     compute = resolve_dtype(data.get("feature_compute_dtype"), target.device)
     if data.get("regenerate", False):
         _regenerate(target, data, split, cache_dir, compute)
-    tkey = features_key(target, split.train, data.max_len, store, compute)
-    vkey = features_key(target, split.val, data.max_len, store, compute)
+    aux = aux_layer_ids(drafter, target.model.config.num_hidden_layers)
+    aux = aux if drafter.get("kind", "eagle2") == "eagle3" else ()
+    tkey = features_key(target, split.train, data.max_len, store, compute, aux)
+    vkey = features_key(target, split.val, data.max_len, store, compute, aux)
     trainer = _resolved_trainer(trainer)
     trainer_cfg = _weight_settings(trainer)
     drafter_cfg = {k: v for k, v in _plain(drafter).items() if k not in _DRAFTER_COSMETIC}
-    key = content_key(HEAD_VERSION, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed)
+    version = VERSIONS[str(drafter.get("kind", "eagle2"))]
+    key = content_key(version, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed)
     out = Path(cache_dir) / "drafters" / f"{drafter.name}-{data.name}-{key}"
     return _Job(target, drafter, data, trainer, objective, stage2, split, store, compute, key,
                 out, cache_dir, seed)  # fmt: skip
@@ -261,7 +284,7 @@ def _train(job: _Job, lightning_logger: Any, callbacks: list) -> None:
     d2t, coverage = _draft_vocab(job, train_fs)
     L.seed_everything(job.seed, workers=True)
     # float32 master weights whatever the target's dtype; autocast handles the compute.
-    head = DraftHead.for_target(job.target.model, bias=job.drafter.bias, d2t=d2t).float().train()
+    head = _new_head(job, d2t)
     dm = FeatureDataModule(train_fs, val_fs, job.drafter.batch_size, job.seed)
     fit = _fit(job, _module(job, head, len(dm.sampler)), dm, train_fs, lightning_logger,
                callbacks)  # fmt: skip
@@ -272,15 +295,25 @@ def _train(job: _Job, lightning_logger: Any, callbacks: list) -> None:
     _publish(job, head, fit, train_fs, val_fs, coverage)
 
 
+def _new_head(job: _Job, d2t: Tensor | None) -> AnyHead:
+    """The untrained head, in float32 master weights whatever the target's dtype."""
+    head = build_head(job.kind, job.target.model, bool(job.drafter.get("bias", False)),
+                      job.aux_layers or None, d2t).float()  # fmt: skip
+    if job.kind == "eagle3" and job.drafter.get("init_head", "target") == "random":
+        head.reset_lm_head(job.seed)
+    return head.train()
+
+
 def _features(job: _Job) -> tuple[FeatureSet, FeatureSet | None]:
     """Training and validation features (cached); no validation set if none is usable."""
     target, split, max_len = job.target, job.split, job.data.max_len
+    aux = job.aux_layers
     train_fs = cached_features(
-        target, split.train, job.cache_dir, max_len, job.store, "features/train", job.compute
+        target, split.train, job.cache_dir, max_len, job.store, "features/train", job.compute, aux
     )
     try:
         val_fs = cached_features(
-            target, split.val, job.cache_dir, max_len, job.store, "features/val", job.compute
+            target, split.val, job.cache_dir, max_len, job.store, "features/val", job.compute, aux
         )
     except DataError as e:  # e.g. every held-out example truncated before its answer
         log.warning("no validation set (%s): training without held-out metrics", e)
@@ -300,7 +333,7 @@ def _draft_vocab(job: _Job, train_fs: FeatureSet) -> tuple[Tensor | None, float]
     return d2t, coverage
 
 
-def _module(job: _Job, head: DraftHead, steps_per_epoch: int) -> DraftModule:
+def _module(job: _Job, head: AnyHead, steps_per_epoch: int) -> DraftModule:
     drafter = job.drafter
     stage2_epoch, stage2_lr_scale = job.stage2
     return DraftModule(
@@ -393,7 +426,7 @@ def _step(row: dict) -> int | None:
 
 def _publish(
     job: _Job,
-    head: DraftHead,
+    head: AnyHead,
     fit: _Fit,
     train_fs: FeatureSet,
     val_fs: FeatureSet | None,
