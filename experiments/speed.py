@@ -84,6 +84,8 @@ def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
     for m, combine in wanted.items():
         use = list(heads.values()) if combine.combines else [heads[str(cfg.speed.single)]]
         if m == "single_full_vocab":
+            if use[0].kind != "eagle2":
+                raise ValueError("single_full_vocab: an EAGLE-3 head has no full-vocabulary twin")
             use = [with_full_vocab(use[0])]
         decoders[f"ours_spec_{m}"] = SpeculativeDecoder(
             target.model, combine(use, spec), target.eos_ids,
@@ -95,7 +97,7 @@ def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
 
 def markdown(summary: dict) -> str:
     cols = ["tokens_per_s", "vs_hf_generate", "vs_ours_vanilla", "tau",
-            "identical_to_hf_generate", "peak_memory_mb"]  # fmt: skip
+            "identical_to_hf_generate", "identical_to_ours_vanilla", "peak_memory_mb"]  # fmt: skip
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in summary["methods"].items():
         lines.append(f"| {name} | " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
@@ -148,7 +150,7 @@ def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
     target = instantiate(cfg.target)
     methods, decoders = build_methods(cfg, target)  # trains missing drafters first
     heads = [h for d in decoders.values() for h in d.proposer.heads]
-    cast_for_serving(cfg.eval.get("dtype"), target.model, heads)
+    cast_for_serving(cfg.eval.get("dtype"), target.model, heads, bool(cfg.eval.get("exact")))
     dev, dtype = target.device, target.model.lm_head.weight.dtype
     if any(m in HF for m in cfg.speed.methods):
         hf = speed.hf_methods(hf_model(cfg, dtype, dev), target.tokenizer.eos_token_id,

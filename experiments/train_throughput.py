@@ -1,18 +1,21 @@
-"""Training throughput of a draft head on cached SmolLM2 features, per objective and vocabulary.
+"""Training throughput of a draft head on SmolLM2 features, per objective and vocabulary.
 
-    python experiments/train_throughput.py [--steps 40] [--vocab 8192]
+    python experiments/train_throughput.py [--steps 40] [--vocab 8192] [--eagle3-only]
 
-Runs EAGLE-2 and HASS steps (AdamW, batch 4 of the real data; bf16 autocast where bf16 is
-native, as trainer.precision=auto does) in one process and prints tokens/s, the ratio to EAGLE-2
-with the full vocabulary, and the peak memory of each (process RSS above the level before). Features come from the
-cache (computed once for data=mathinstruct if missing; the feature pass's own tokens/s is read
-from its metadata).
+Runs EAGLE-2 and HASS steps (full and draft vocabulary), then EAGLE-3 steps at several
+training-time-test depths, with features read from the cache and computed online by the frozen
+target per batch (data.features=online). AdamW, batch 4 of the real data, bf16 autocast where
+bf16 is native (as trainer.precision=auto does), one process. Prints tokens/s, the ratio to
+EAGLE-2 with the full vocabulary and the peak memory of each (process RSS above the level
+before). Features come from the cache (computed once for data=mathinstruct if missing; the
+feature pass's own tokens/s and the cache's size on disk are printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -20,14 +23,15 @@ from hydra import compose, initialize_config_dir
 from taps.config import CONF_DIR, register_resolvers
 from taps.data.mixture import build_mixture, select_budget
 from taps.memory import PeakMemory
-from taps.models.draft_head import DraftHead
+from taps.models.eagle3_head import default_aux_layers
+from taps.models.heads import build_head
 from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import Target, load_smollm2
 from taps.paths import default_cache_dir, default_data_dir
 from taps.training.datamodule import FeatureDataModule
-from taps.training.features import FeatureSet, cached_features
+from taps.training.features import FeatureSet, OnlineFeatures, cached_features, token_set
 from taps.training.module import DraftModule
-from taps.training.objectives import Eagle2Objective, HassObjective, Objective
+from taps.training.objectives import Eagle2Objective, Eagle3Objective, HassObjective, Objective
 from taps.training.vocab import frequent_tokens
 
 
@@ -38,12 +42,15 @@ def measure(
     d2t: torch.Tensor | None,
     steps: int,
     bf16: bool,
+    online: OnlineFeatures | None = None,
 ) -> tuple[float, float]:
     torch.manual_seed(0)
-    head = DraftHead.for_target(target.model, d2t=d2t).train()
-    module = DraftModule(head, objective, lr=1e-3)
+    kind = "eagle3" if isinstance(objective, Eagle3Objective) else "eagle2"
+    aux = default_aux_layers(target.model.config.num_hidden_layers) if kind == "eagle3" else None
+    head = build_head(kind, target.model, kind == "eagle2", aux, d2t).float().train()
+    module = DraftModule(head, objective, lr=1e-3, noise=0.1 if kind == "eagle2" else 0.0)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    loader = FeatureDataModule(fs, None, 4, 0).train_dataloader()
+    loader = FeatureDataModule(fs, None, 4, 0, online).train_dataloader()
     it = iter(loader)
     tokens, t0 = 0, None
     with PeakMemory("cpu") as mem:
@@ -60,39 +67,64 @@ def measure(
     return tokens / (time.perf_counter() - t0), mem.extra_mb
 
 
+def _features(target: Target, cfg, aux: tuple[int, ...]) -> tuple[FeatureSet, FeatureSet]:
+    """(cached features, the same data as tokens only for online features)."""
+    split = build_mixture(
+        select_budget(cfg.data.components, cfg.data.budget), default_data_dir(), 42,
+        cfg.data.holdout,
+    )  # fmt: skip
+    compute = resolve_dtype(cfg.data.feature_compute_dtype, target.device)
+    fs = cached_features(target, split.train, default_cache_dir(), cfg.data.max_len, "bfloat16",
+                         "features/train", compute, aux)  # fmt: skip
+    return fs, token_set(target, split.train, cfg.data.max_len)
+
+
+def _table(rows: list[tuple]) -> None:
+    base = rows[0][3]
+    print(
+        "| objective | vocabulary | features | tokens/s | vs first row | peak memory (MiB over start) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, vocab, feats, tps, mb in rows:
+        print(f"| {name} | {vocab} | {feats} | {tps:.0f} | {tps / base:.2f}x | {mb:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--data", default="mathinstruct")
+    ap.add_argument("--ttt", default="1,3,5,7", help="EAGLE-3 training-time-test depths")
+    ap.add_argument("--eagle3-only", action="store_true")
     args = ap.parse_args()
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose("config", [f"data={args.data}"])
-    torch.set_num_threads(torch.get_num_threads())
     target = load_smollm2(default_cache_dir())
-    split = build_mixture(
-        select_budget(cfg.data.components, cfg.data.budget), default_data_dir(), 42,
-        cfg.data.holdout,
-    )  # fmt: skip
-    fs = cached_features(
-        target, split.train, default_cache_dir(), cfg.data.max_len, "bfloat16",
-        "features/train", resolve_dtype(cfg.data.feature_compute_dtype, target.device),
-    )  # fmt: skip
+    aux = default_aux_layers(target.model.config.num_hidden_layers)
+    fs, tokens = _features(target, cfg, aux)
+    disk = Path(fs.features.path).stat().st_size
     bf16 = resolve_precision("auto") == "bf16-mixed"
     print(f"autocast bf16: {bf16}; threads {torch.get_num_threads()}")
-    print(f"features: {fs.tokens} tokens, cached at {fs.meta['tokens_per_s']} tok/s")
+    print(f"features with layers {aux}: {fs.tokens} tokens, cached at {fs.meta['tokens_per_s']} "
+          f"tok/s, {disk / 2**30:.2f} GiB on disk ({disk / fs.tokens / 1024:.1f} KiB a token)")  # fmt: skip
     d2t, cov = frequent_tokens(fs, args.vocab, target.model.lm_head.weight.shape[0], target.eos_ids)
     print(f"draft vocabulary {args.vocab}: covers {100 * cov:.2f}% of response tokens")
     rows = []
-    for name, objective in [("eagle2", Eagle2Objective()), ("hass", HassObjective())]:
-        for vocab, m in [("full", None), (str(args.vocab), d2t)]:
-            rows.append((name, vocab, *measure(target, fs, objective, m, args.steps, bf16)))
-    base = rows[0][2]
-    print("| objective | vocabulary | tokens/s | vs EAGLE-2 full | peak memory (MiB over start) |")
-    print("|---|---|---|---|---|")
-    for name, vocab, tps, mb in rows:
-        print(f"| {name} | {vocab} | {tps:.0f} | {tps / base:.2f}x | {mb:.0f} |")
+    if not args.eagle3_only:
+        f2 = _features(target, cfg, ())[0]
+        for name, objective in [("eagle2", Eagle2Objective()), ("hass", HassObjective())]:
+            for vocab, m in [("full", None), (str(args.vocab), d2t)]:
+                rows.append(
+                    (name, vocab, "cached", *measure(target, f2, objective, m, args.steps, bf16))
+                )
+    compute = resolve_dtype(cfg.data.feature_compute_dtype, target.device)
+    online = OnlineFeatures(target, aux, "bfloat16", compute)
+    for steps in [int(x) for x in args.ttt.split(",")]:
+        for feats, source, mode in [("cached", fs, None), ("online", tokens, online)]:
+            tps, mb = measure(target, source, Eagle3Objective(steps), d2t, args.steps, bf16, mode)
+            rows.append((f"eagle3 (TTT {steps})", str(args.vocab), feats, tps, mb))
+    _table(rows)
 
 
 if __name__ == "__main__":

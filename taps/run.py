@@ -43,7 +43,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     decoding = grid.Decoding(cfg.max_new_tokens, cfg.top_p, cfg.seed, ev.verify_lossless,
                              ev.near_tie, ev.record_nodes)  # fmt: skip
     prompts = grid.load_prompts(bench.benchmarks, cfg.paths.data_dir, bench.limit,
-                                bench.get("path"))  # fmt: skip
+                                bench.get("path"), bench.get("stream"))  # fmt: skip
     combine, spec = strategy(instantiate(cfg.routing)), instantiate(cfg.tree)
     datas = drafter_data(cfg.data, cfg.drafters, combine.combines)
     target, tracker = shared_target(cfg.target), instantiate(cfg.logger)
@@ -57,7 +57,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         ]  # fmt: skip
         heads, metas = [h for h, _ in trained], [m for _, m in trained]
         proposer = combine(heads, spec)  # built (averaged) in the training precision, then cast
-        cast_for_serving(ev.dtype, target.model, proposer.heads)
+        cast_for_serving(ev.dtype, target.model, proposer.heads, ev.exact)
         decoder = SpeculativeDecoder(target.model, proposer, target.eos_ids,
                                      lazy_logits_from=ev.lazy_logits_from)  # fmt: skip
         names = [str(d.name) for d in datas]

@@ -92,13 +92,38 @@ def _drafter(drafter: DictConfig, problems: list[str]) -> None:
         )
     elif drafter.get("objective") is None and not drafter.get("path"):
         problems.append(f"drafter={drafter.get('name')}: no objective to train and no path")
+    kind = drafter.get("kind", "eagle2")
+    _check(problems, "drafter.kind", kind, kind in ("eagle2", "eagle3"), "eagle2 or eagle3")
+    aux = drafter.get("aux_layers")
+    ok = aux is None or (
+        kind == "eagle3"
+        and isinstance(aux, Sequence)
+        and not isinstance(aux, str)
+        and len(aux) > 0
+        and all(_int(i) is not None and i >= 0 for i in aux)
+        and len(set(aux)) == len(aux)
+    )
+    _check(problems, "drafter.aux_layers", aux, ok,
+           "null or distinct layer ids >= 0 (EAGLE-3 heads only)")  # fmt: skip
+    steps = drafter.get("ttt_steps")
+    ok = steps is None or (_int(steps) is not None and steps >= 1)
+    _check(problems, "drafter.ttt_steps", steps, ok, "an integer >= 1")
+
+
+def _data(data: DictConfig, problems: list[str]) -> None:
+    mode = data.get("features", "cached")
+    _check(problems, "data.features", mode, mode in ("cached", "online", "auto"),
+           "cached, online or auto")  # fmt: skip
 
 
 def _eval(ev: DictConfig, problems: list[str]) -> None:
     _check(problems, "eval.dtype", ev.get("dtype"), ev.get("dtype") in DTYPES,
            f"one of {list(DTYPES)}")  # fmt: skip
-    tie = _number(ev.get("near_tie"))
-    _check(problems, "eval.near_tie", ev.get("near_tie"), tie is not None and tie >= 0, ">= 0")
+    tie = ev.get("near_tie")
+    ok = tie is None or (_number(tie) is not None and tie >= 0)
+    _check(problems, "eval.near_tie", tie, ok, "null (follow the precision) or a number >= 0")
+    exact = ev.get("exact", False)
+    _check(problems, "eval.exact", exact, isinstance(exact, bool), "true or false")
     lazy = ev.get("lazy_logits_from")
     ok = lazy is None or (_int(lazy) is not None and lazy >= 2)
     _check(problems, "eval.lazy_logits_from", lazy, ok, "null or an integer >= 2")
@@ -108,6 +133,7 @@ CHECKS: dict[str, Callable[[DictConfig, list[str]], None]] = {
     "bench": _bench,
     "tree": _tree,
     "drafter": _drafter,
+    "data": _data,
     "eval": _eval,
 }
 

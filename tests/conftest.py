@@ -46,3 +46,12 @@ def tiny64(cache_dir):
     from taps.models.target import tiny_random
 
     return tiny_random(cache_dir, dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def trained3(tiny64):
+    """An EAGLE-3 head trained briefly for the tiny target on the prompts tests decode (~15 s;
+    tests/helpers.py `train_eagle3`)."""
+    from tests.helpers import train_eagle3
+
+    return train_eagle3(tiny64)

@@ -13,10 +13,9 @@ from taps.models.heads import build_head, load_head, save_head
 from taps.training.eagle3 import draft_targets, eagle3_loss, ttt_forward
 from taps.training.hass import alignment_mask
 from taps.training.objectives import Eagle3Objective
+from tests.helpers import AUX
 from tests.test_engine_greedy import prompts
 from tests.test_hass import visible
-
-AUX = (0, 1, 2)  # the tiny target has 2 layers: its embedding stream, after 1, after 2
 
 
 def eagle3(tiny, seed: int = 0, d2t: bool = True) -> Eagle3Head:
@@ -178,45 +177,6 @@ def test_objective_checks_its_settings():
     assert Eagle3Objective().steps == 7 and Eagle3Objective().decay == 0.8
 
 
-def _continue(model, x: torch.Tensor, n: int, g: torch.Generator | None) -> torch.Tensor:
-    """x [B, t] extended by n tokens of the target's own: greedy (g None) or sampled."""
-    for _ in range(n):
-        logits = model.logits(model(x)[:, -1])
-        nxt = logits.argmax(-1, keepdim=True) if g is None else torch.multinomial(
-            torch.softmax(logits, -1), 1, generator=g)  # fmt: skip
-        x = torch.cat([x, nxt], 1)
-    return x
-
-
-@pytest.fixture(scope="module")
-def trained3(tiny64) -> Eagle3Head:
-    """An EAGLE-3 head that drafts well for the tiny target on the prompts the tests decode:
-    150 Adam steps of training-time test (2 steps) on the target's own continuations of them,
-    greedy and sampled (about 15 s). A random target is learnt only where it was seen, so this
-    also shows the objective learns: depth-1 agreement on that data rises above 0.8."""
-    from tests.test_engine_sampling_e2e import PROMPT
-
-    model = tiny64.model
-    g = torch.Generator().manual_seed(0)
-    greedy = [p[:12] + [0] * (12 - len(p[:12])) for p in prompts(5, model.config.vocab_size, 1)]
-    with torch.no_grad():
-        x = torch.cat([_continue(model, torch.tensor(greedy + [PROMPT]), 32, None),
-                       _continue(model, torch.tensor([PROMPT] * 26), 32, g)])  # fmt: skip
-        states = model.states(x, capture=AUX)
-    aux = torch.cat([states.layers[i] for i in AUX], -1)
-    torch.manual_seed(0)
-    head = Eagle3Head.for_target(model, AUX).train()
-    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
-    mask = torch.ones(x.shape[0], x.shape[1] - 1, dtype=torch.uint8)
-    for _ in range(150):
-        loss, m = eagle3_loss(head, aux[:, :-1], x[:, 1:], states.final[:, 1:], mask, 2, 0.8)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(m["step1/top1"]) > 0.8 and float(m["step2/top1"]) > 0.6
-    return head.eval().requires_grad_(False)
-
-
 @pytest.mark.parametrize("spec", [TreeSpec(1, 4, 6), TreeSpec(4, 3, 16)])
 def test_trained_eagle3_drafter_is_accepted_and_lossless(tiny64, trained3, spec):
     dec = SpeculativeDecoder(tiny64.model, HeadDrafter(trained3, spec), tiny64.eos_ids)
@@ -294,3 +254,36 @@ def test_strategies_with_eagle3_heads_are_greedy_lossless(tiny64, trained3, rout
     for p in prompts(3, tiny64.model.config.vocab_size, seed=1):
         p = p[:12] + [0] * (12 - len(p[:12]))
         assert dec.generate(p, 24).tokens == vanilla_generate(tiny64.model, p, 24, set()).tokens
+
+
+def test_online_features_train_the_same_pairs_without_a_cache(tmp_path, cache_dir):
+    """data.features=online: no feature pass is cached, every batch runs the frozen target,
+    and the pairs it trains on equal the cached ones (same rounding to the stored dtype)."""
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from taps.data.conversations import Conversation
+    from taps.training.datamodule import OnlineCollate, PairDataset, collate
+    from taps.training.features import OnlineFeatures, compute_features, token_set
+    from tests.test_training import tiny_cfg, train_tiny
+
+    head, meta = train_tiny(tmp_path, cache_dir, "drafter=eagle3", "drafter.ttt_steps=2",
+                            "data.features=online")  # fmt: skip
+    assert not (tmp_path / "features").exists() and meta["data"]["train_features"]["online"]
+    _, cached = train_tiny(tmp_path, cache_dir, "drafter=eagle3", "drafter.ttt_steps=2")
+    assert cached["key"] != meta["key"]
+    cfg = tiny_cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.target.cache_dir = cache_dir
+    target = instantiate(cfg.target)
+    convs = [Conversation(({"role": "user", "content": f"What is {i}+{i}?"},
+                           {"role": "assistant", "content": f"It is {2 * i}."}), "t", str(i))
+             for i in range(3)]  # fmt: skip
+    fs = compute_features(target, convs, 64, "bfloat16", aux_layers=(1, 2))
+    want = collate([PairDataset(fs)[i] for i in range(3)])
+    online = OnlineCollate(OnlineFeatures(target, (1, 2), "bfloat16"))
+    got = online([PairDataset(token_set(target, convs, 64))[i] for i in range(3)])
+    for k in ("tokens", "mask"):
+        assert torch.equal(got[k], want[k]), k
+    for k in ("f_in", "f_next"):  # equal up to bf16 rounding of differently batched matmuls
+        assert torch.allclose(got[k].float(), want[k].float(), atol=2e-2, rtol=2e-2), k

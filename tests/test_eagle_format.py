@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from taps.models.draft_head import DraftHead
-from taps.models.eagle_format import export_eagle, load_eagle, load_pretrained
+from taps.models.eagle_format import export_eagle, load_eagle
 from taps.models.heads import save_head
 from taps.models.llama import Llama
+from taps.models.serving import load_pretrained
 from taps.paths import REPO_ROOT
 from taps.training.train import ensure_drafter
 from tests.test_run import TINY, cfg_with
@@ -253,7 +254,7 @@ def test_export_cli(tiny64, tmp_path):
     from taps.export import main
 
     head, ckpt = trained_dir(tiny64, tmp_path)
-    args = ["target=tiny_random", "target.dtype=float64", f"ckpt={ckpt}"]
+    args = ["target=tiny_random", "target.dtype=float64", f"ckpt={ckpt}", "engine=eagle"]
     out = main([*args, "weights=bin"])
     assert out == ckpt.with_name(ckpt.name + "-eagle")
     assert (out / "pytorch_model.bin").is_file()
@@ -263,7 +264,7 @@ def test_export_cli(tiny64, tmp_path):
     # Another target than the one the head was trained on is refused.
     _, other = trained_dir(tiny64, tmp_path / "other", key="0000")
     with pytest.raises(ValueError, match="pass the matching target"):
-        main(["target=tiny_random", f"ckpt={other}", f"out={tmp_path / 'x'}"])
+        main(["target=tiny_random", f"ckpt={other}", f"out={tmp_path / 'x'}", "engine=eagle"])
     assert not (tmp_path / "x").exists()
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from taps.engine.stats import CycleStats, Generation
-from taps.eval.evaluate import _compare
 from taps.eval.metrics import acceptance_by_depth, node_stats, tau
+from taps.eval.ties import compare, tie_threshold
 from taps.report.files import to_csv, to_markdown
 
 
@@ -40,15 +42,25 @@ def test_acceptance_by_depth_and_node_stats():
     assert s["accepted_confidence"] == 0.9 and s["rejected_entropy"] == 3.0
 
 
-def test_compare_reports_divergence_and_gap():
-    ref = Generation(
-        tokens=[5, 6, 7, 8], target_forwards=4, wall_time_s=0, top2_gaps=[3.0, 2.0, 1e-5, 4.0]
-    )
-    assert _compare([5, 6, 7, 8], ref, 1e-3) == {"identical": True}
-    d = _compare([5, 6, 9, 8], ref, 1e-3)
+def test_compare_classifies_divergences_by_the_precision_used():
+    import torch
+
+    ref = Generation(tokens=[5, 6, 7, 8], target_forwards=4, wall_time_s=0,
+                     top2_gaps=[3.0, 2.0, 1e-5, 0.25], top1_logits=[20.0] * 4)  # fmt: skip
+    spec = Generation(tokens=[5, 6, 9, 8], target_forwards=2, wall_time_s=0,
+                      top2_gaps=[3.0, 2.0, 2e-5, 0.125], top1_logits=[20.0] * 4)  # fmt: skip
+    assert compare(ref, ref, torch.float32, None) == {"identical": True}
+    d = compare(spec, ref, torch.float32, None)  # float32 at |logit| 20: threshold 3.8e-5
     assert d["position"] == 2 and d["near_tie"] and d["top2_gap"] == 1e-5
-    d = _compare([5, 9], ref, 1e-3)
-    assert d["position"] == 1 and not d["near_tie"]
+    assert d["spec_top2_gap"] == 2e-5 and d["threshold"] == pytest.approx(
+        tie_threshold(torch.float32, 20)
+    )
+    spec.tokens = [5, 6, 7, 9]  # gaps of 0.25 and 0.125: bf16 noise at |logit| 20, not float32's
+    assert compare(spec, ref, torch.bfloat16, None)["near_tie"]
+    assert not compare(spec, ref, torch.float32, None)["near_tie"]
+    assert compare(spec, ref, torch.float32, 0.5)["near_tie"]  # an absolute eval.near_tie
+    d = compare(Generation([5, 9], 2, 0, [3.0, 2.0], [20.0, 20.0]), ref, torch.bfloat16, None)
+    assert d["position"] == 1 and not d["near_tie"]  # a gap of 2 is a preference, not noise
 
 
 def test_tables_hold_every_row():

@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from taps.combine import average, confidence, entropy, merged, single
+from taps.combine import average, bandit, confidence, entropy, hedge, merged, single
 from taps.engine.decoder import Proposer
 from taps.engine.drafting import TreeSpec
 from taps.models.heads import AnyHead
@@ -23,9 +23,11 @@ STRATEGIES: dict[str, Build] = {
     "confidence": confidence.build,
     "entropy": entropy.build,
     "merged_tree": merged.build,
+    "hedge": hedge.build,
+    "bandit": bandit.build,
 }
 # The option that tells a strategy's variants apart in display labels: average(0.5).
-_LABEL_OPTION = {"average": "alpha", "merged_tree": "budget"}
+_LABEL_OPTION = {"average": "alpha", "merged_tree": "budget", "bandit": "algorithm"}
 
 
 @dataclass(frozen=True)

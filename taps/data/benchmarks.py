@@ -7,6 +7,7 @@ missing file is an error there."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,34 @@ class BenchPrompt:
     question_id: str
     category: str
     turns: tuple[str, ...]  # user turns; mt_bench has 2, the others 1
+    source: str = ""  # the benchmark it came from, in a mixed stream (bench=stream)
+
+
+def load_stream(
+    data_dir: str | Path | None,
+    limit: int | None,
+    mix: dict[str, float],
+    seed: int = 0,
+) -> list[BenchPrompt]:
+    """One session of mixed tasks (bench=stream): the first `limit` prompts of each benchmark
+    with a positive weight in `mix`, interleaved in a seeded random order in which each next
+    prompt's source is drawn with probability proportional to its weight (among the sources
+    with prompts left). Question ids become "<benchmark>/<id>"."""
+    bad = [n for n in mix if n not in BENCHMARKS]
+    if bad or not mix or any(w < 0 for w in mix.values()) or not any(w > 0 for w in mix.values()):
+        raise DataError(
+            f"bench.stream.mix={dict(mix)}: expected non-negative weights, one of them positive, "
+            f"for benchmarks among {list(BENCHMARKS)}"
+        )
+    queues = {n: list(load_benchmark(n, data_dir, limit)) for n, w in mix.items() if w > 0}
+    rng = random.Random(seed)
+    out: list[BenchPrompt] = []
+    while any(queues.values()):
+        live = [n for n, q in queues.items() if q]
+        name = rng.choices(live, weights=[mix[n] for n in live])[0]
+        p = queues[name].pop(0)
+        out.append(BenchPrompt(f"{name}/{p.question_id}", p.category, p.turns, source=name))
+    return out
 
 
 def load_benchmark(

@@ -88,6 +88,13 @@ def check_context(target: Llama, prompt_len: int, max_new_tokens: int, what: str
         )
 
 
+def _record_top2(gen: Generation, rows: Tensor) -> None:
+    """Top-1 logit and top-2 gap of the rows that chose this cycle's tokens (greedy)."""
+    top = rows.topk(2, dim=-1).values.float()
+    gen.top1_logits += top[:, 0].tolist()
+    gen.top2_gaps += (top[:, 0] - top[:, 1]).tolist()
+
+
 class _Phases:
     """Wall time per phase of the loop. No device synchronisation: on a GPU, kernels still in
     flight are billed to whichever phase waits for them (synchronising would slow decoding)."""
@@ -143,10 +150,16 @@ class SpeculativeDecoder:
         ids = torch.tensor([prompt], device=dev)
         layers = aux_layers(self.proposer)
         feats = _finite(self.target.states(ids, cache=cache, capture=layers)[0], "prefill")
-        root = _pick(self.target.logits(feats.final[-1]), temperature, top_p, generator)
+        first = self.target.logits(feats.final[-1])
+        root = _pick(first, temperature, top_p, generator)
+        if temperature <= 0:
+            _record_top2(gen, first[None])
         out: list[int] = []
         done = _extend(out, [root], self.eos_ids, max_new_tokens)
         if not done:
+            # Online routers score drafters differently when sampling (taps/combine/online.py).
+            if hasattr(self.proposer, "set_temperature"):
+                self.proposer.set_temperature(temperature)
             self.proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), max_len)
         tick("prefill")
         while not done:
@@ -161,6 +174,7 @@ class SpeculativeDecoder:
             gen.target_forwards += 1
             if temperature <= 0:
                 path, bonus = accept_greedy(tree, logits)
+                _record_top2(gen, logits(path) if isinstance(logits, NodeLogits) else logits[path])
             else:
                 path, bonus = accept_sampling(tree, logits, temperature, top_p, generator)
             cache.keep(prefix, torch.tensor(path))
@@ -222,8 +236,9 @@ def vanilla_generate(
     while True:
         logits = target.logits(target(x, cache=cache)[0, -1])
         gen.target_forwards += 1
-        top2 = logits.topk(2).values
+        top2 = logits.topk(2).values.float()
         gen.top2_gaps.append(float(top2[0] - top2[1]))
+        gen.top1_logits.append(float(top2[0]))
         tok = _pick(logits, temperature, top_p, generator)
         gen.tokens.append(tok)
         if tok in eos_ids or len(gen.tokens) >= max_new_tokens:

@@ -45,6 +45,9 @@ class HeadDrafter:
         self.index = index
         self.cache = None
         self.last_g: Tensor | None = None
+        # The head's outputs at the pairs of the last catch-up, after the output before it:
+        # row i predicts the i-th caught-up token (online routers score drafters with them).
+        self.predictions: Tensor | None = None
         self.root: int | None = None
         self.max_tree = spec.total_tokens
 
@@ -63,6 +66,7 @@ class HeadDrafter:
         if self.cache is None or self.cache.max_len < need:
             self.cache = self.head.new_cache(need)
         self.cache.truncate(0)
+        self.last_g = None
         self.commit(states, next_tokens)
 
     @torch.no_grad()
@@ -72,6 +76,8 @@ class HeadDrafter:
         takes what it reads from them: f for EAGLE-1/2, fc of its layers for EAGLE-3."""
         x = self.head.input_features(states).to(self.device, self.head.fc.weight.dtype)
         g = self.head(x[None], next_tokens[None].to(self.device), cache=self.cache)
+        before = [] if self.last_g is None else [self.last_g[None]]
+        self.predictions = torch.cat([*before, g[0, :-1]])
         self.last_g = g[0, -1]
         self.root = int(next_tokens[-1])
 

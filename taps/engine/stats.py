@@ -24,7 +24,11 @@ class Generation:
     target_forwards: int  # prefill included: vanilla decoding has tau == 1 exactly
     wall_time_s: float
     cycles: list[CycleStats] = field(default_factory=list)
-    top2_gaps: list[float] = field(default_factory=list)  # vanilla: logit gap at each step
+    # Greedy decoding: the target's top-1 logit and its gap to the top-2 where each token was
+    # chosen (vanilla: every step; speculative: the verified row that chose it), for telling
+    # a divergence at a floating-point near-tie from a bug (taps/eval/ties.py).
+    top2_gaps: list[float] = field(default_factory=list)
+    top1_logits: list[float] = field(default_factory=list)
     # Seconds per phase of the loop (prefill, draft, verify, accept, commit): the profile.
     phase_s: dict[str, float] = field(default_factory=dict)
 

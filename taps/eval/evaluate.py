@@ -14,6 +14,7 @@ from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, check_context, vanilla_generate
 from taps.engine.stats import Generation
 from taps.eval.metrics import acceptance_by_depth, bootstrap_tau, node_stats, routing_shares, tau
+from taps.eval.ties import compare
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -27,6 +28,8 @@ class TurnRecord:
     lossless: dict | None = None
     prompt: str = ""  # this turn's user message
     text: str = ""  # the decoded answer
+    source: str = ""  # the benchmark the prompt came from, in a mixed stream
+    vanilla: tuple[int, float] | None = None  # (tokens, seconds) of vanilla decoding, if run
 
 
 @dataclass
@@ -35,24 +38,6 @@ class BenchRun:
     temperature: float
     turns: list[TurnRecord] = field(default_factory=list)
     wall_time_s: float = 0.0
-
-
-def _compare(spec: list[int], ref: Generation, near_tie: float) -> dict:
-    """Token-for-token agreement with vanilla greedy; at a divergence, the target's top-2
-    logit gap there tells a float near-tie (allowed, reported) from a bug."""
-    if spec == ref.tokens:
-        return {"identical": True}
-    pos = next(
-        (i for i, (a, b) in enumerate(zip(spec, ref.tokens, strict=False)) if a != b),
-        min(len(spec), len(ref.tokens)),
-    )
-    gap = ref.top2_gaps[pos] if pos < len(ref.top2_gaps) else None
-    return {
-        "identical": False,
-        "position": pos,
-        "top2_gap": gap,
-        "near_tie": gap is not None and gap < near_tie,
-    }
 
 
 def run_bench(
@@ -65,13 +50,15 @@ def run_bench(
     top_p: float = 1.0,
     seed: int = 0,
     verify_lossless: bool = False,
-    near_tie: float = 1e-3,
+    near_tie: float | None = None,
     record_nodes: bool = True,
 ) -> BenchRun:
     """Multi-turn prompts are decoded truly multi-turn: turn k's prompt holds the model's own
     earlier answers (each decoder keeps its own history)."""
     run = BenchRun(bench=bench, temperature=temperature)
     gen_rng = torch.Generator().manual_seed(seed)
+    if hasattr(decoder.proposer, "new_session"):  # an online router learns within a cell only
+        decoder.proposer.new_session()
     t0 = time.perf_counter()
     bar = tqdm(prompts, desc=f"{bench} T={temperature:g}", unit="q", leave=False)
     for q in bar:
@@ -84,7 +71,8 @@ def run_bench(
             where = f"{bench} question_id {q.question_id!r}, turn {k + 1}"
             check_context(decoder.target, len(ids), max_new_tokens, where)
             gen = decoder.generate(ids, max_new_tokens, temperature, top_p, gen_rng, record_nodes)
-            rec = TurnRecord(q.question_id, k, gen, prompt=turn, text=_text(tokenizer, gen.tokens))
+            rec = TurnRecord(q.question_id, k, gen, prompt=turn, text=_text(tokenizer, gen.tokens),
+                             source=q.source)  # fmt: skip
             spec_hist.append({"role": "assistant", "content": rec.text})
             if verify_lossless and temperature <= 0:
                 ref_hist.append({"role": "user", "content": turn})
@@ -92,7 +80,8 @@ def run_bench(
                     decoder.target, prompt_ids(tokenizer, ref_hist), max_new_tokens, decoder.eos_ids
                 )
                 ref_hist.append({"role": "assistant", "content": _text(tokenizer, ref.tokens)})
-                rec.lossless = _compare(gen.tokens, ref, near_tie)
+                rec.lossless = compare(gen, ref, decoder.target.lm_head.weight.dtype, near_tie)
+                rec.vanilla = (len(ref.tokens), ref.wall_time_s)
             run.turns.append(rec)
         bar.set_postfix(tau=f"{tau([t.gen for t in run.turns]):.2f}")
     run.wall_time_s = time.perf_counter() - t0
@@ -116,6 +105,7 @@ def outputs(run: BenchRun) -> list[dict]:
             "tokens": t.gen.tokens,
             "tau": round(tau([t.gen]), 4),
             "identical_to_vanilla": None if t.lossless is None else t.lossless["identical"],
+            **({"source": t.source} if t.source else {}),
         }
         for t in run.turns
     ]
@@ -147,12 +137,24 @@ def summarise(run: BenchRun, max_depth: int, drafters: list[str] | None = None) 
         "tau_per_question": {k: round(tau(v), 4) for k, v in per_q.items()},
         # (new tokens, target forwards) per question: enough to recompute any aggregate.
         "per_question": {k: _totals(v) for k, v in per_q.items()},
+        "seconds_per_question": {
+            k: round(sum(g.wall_time_s for g in v), 3) for k, v in per_q.items()
+        },
         "acceptance_by_depth": [round(x, 4) for x in acceptance_by_depth(gens, max_depth)],
         **{k: (round(v, 4) if v is not None else None) for k, v in node_stats(gens).items()},
     }
     shares = routing_shares(per_q, drafters or ["drafter"])
     if shares is not None:
         row["routing_shares"] = shares
+        row["route_trajectory"] = route_trajectory(run.turns)
+    sources = list(dict.fromkeys(t.source for t in run.turns if t.source))
+    if sources:  # a mixed stream: the same summary per source (bench=stream)
+        row["by_source"] = {s: _source_row(run, s, max_depth, drafters) for s in sources}
+    vanilla = [t.vanilla for t in run.turns if t.vanilla is not None]
+    if vanilla:  # vanilla decoding ran turn by turn beside ours (eval.verify_lossless)
+        v_tps = sum(n for n, _ in vanilla) / max(sum(s for _, s in vanilla), 1e-9)
+        row["vanilla_tokens_per_s"] = round(v_tps, 2)
+        row["speedup_vs_vanilla"] = round(row["tokens_per_s"] / max(v_tps, 1e-9), 3)
     checks = [t.lossless for t in run.turns if t.lossless is not None]
     if checks:
         bad = [
@@ -167,6 +169,28 @@ def summarise(run: BenchRun, max_depth: int, drafters: list[str] | None = None) 
             "all_divergences_near_ties": all(b["near_tie"] for b in bad),
         }
     return row
+
+
+def _source_row(run: BenchRun, source: str, max_depth: int, drafters: list[str] | None) -> dict:
+    """The summary of a stream's turns from one source (its trajectory stays the stream's)."""
+    turns = [t for t in run.turns if t.source == source]
+    row = summarise(BenchRun(run.bench, run.temperature, turns), max_depth, drafters)
+    row.pop("route_trajectory", None)
+    return row
+
+
+def route_trajectory(turns: list[TurnRecord], points: int = 600) -> dict:
+    """Every drafter's routing weight (score) per cycle over the session, with the source of
+    the prompt each cycle belongs to; thinned to about `points` cycles for the plot."""
+    cycles = [(t.source or t.question_id, c.route_scores) for t in turns for c in t.gen.cycles]
+    cycles = [(s, r) for s, r in cycles if r]
+    step = max(1, len(cycles) // points)
+    kept = list(range(0, len(cycles), step))
+    return {
+        "cycle": kept,
+        "source": [cycles[i][0] for i in kept],
+        "scores": [[round(float(x), 4) for x in cycles[i][1]] for i in kept],
+    }
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from taps.combine import Strategy
-from taps.data.benchmarks import BenchPrompt, load_benchmark
+from taps.data.benchmarks import BenchPrompt, load_benchmark, load_stream
 from taps.data.conversations import DataError
 from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
@@ -33,7 +33,7 @@ class Decoding:
     top_p: float = 1.0
     seed: int = 0
     verify_lossless: bool = False
-    near_tie: float = 1e-3
+    near_tie: float | None = None  # None: the threshold follows the precision (taps/eval/ties.py)
     record_nodes: bool = True
 
 
@@ -44,11 +44,26 @@ def temperatures(value: float | Sequence[float]) -> list[float]:
 
 
 def load_prompts(
-    benchmarks: Sequence[str], data_dir: str, limit: int | None, path: str | None = None
+    benchmarks: Sequence[str],
+    data_dir: str,
+    limit: int | None,
+    path: str | None = None,
+    stream: dict | None = None,
 ) -> dict[str, list[BenchPrompt]]:
     """Every benchmark's prompts, read before anything is trained or decoded; a benchmark
-    without a prompt is an error (it would report tau 0 over nothing)."""
-    prompts = {b: load_benchmark(b, data_dir, limit, path) for b in benchmarks}
+    without a prompt is an error (it would report tau 0 over nothing). `stream` (bench=stream:
+    `mix` weights and a `seed`) builds the mixed session "stream"."""
+
+    def load(b: str) -> list[BenchPrompt]:
+        if b == "stream":
+            if not stream:
+                raise DataError(
+                    "benchmark 'stream' needs bench.stream.mix (conf/bench/stream.yaml)"
+                )
+            return load_stream(data_dir, limit, dict(stream["mix"]), int(stream.get("seed", 0)))
+        return load_benchmark(b, data_dir, limit, path)
+
+    prompts = {b: load(b) for b in benchmarks}
     for b, qs in prompts.items():
         if not qs:
             where = f"the file {path}" if path else f"benchmark {b}"
@@ -129,8 +144,12 @@ def evaluate_grid(
                         store_cell(cache_dir, key, stored[0], cell, stored[1])
                         out.decoded += 1
             summary, texts = stored
-            row = {**labels, **summary, "cell": key}
+            by_source = summary.get("by_source") or {}
+            row = {**labels, **{k: v for k, v in summary.items() if k != "by_source"}, "cell": key}
             out.rows.append(row)
+            # A mixed stream: one row per source too (bench = stream/<source>).
+            out.rows += [{**labels, **sub, "bench": f"{bench}/{src}", "cell": key}
+                         for src, sub in by_source.items()]  # fmt: skip
             out.outputs += [{"variant": row["variant"], **o} for o in texts]
             log.info("%s %s T=%g: tau %.3f (%d turns, %.1f tok/s)%s", row["variant"], bench,
                      temp, row["tau"], row["turns"], row["tokens_per_s"],

@@ -121,6 +121,6 @@ def with_full_vocab(head: DraftHead) -> DraftHead:
     what the draft vocabulary saves at inference, measured with identical weights."""
     full = DraftHead(
         head.config, head.embed_weight, head.lm_head_full, bias=head.fc.bias is not None
-    )
+    ).to(head.fc.weight.device, head.fc.weight.dtype)  # before loading: no rounding on the way
     full.load_state_dict({k: v for k, v in head.state_dict().items() if k != "d2t"})
-    return full.to(head.fc.weight.device, head.fc.weight.dtype).eval()
+    return full.eval()

@@ -28,7 +28,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from taps.models.draft_head import HEAD_VERSION, DraftHead
-from taps.models.heads import load_head
 from taps.models.llama import Llama
 from taps.paths import temp_dir_beside
 
@@ -125,6 +124,8 @@ def export_eagle(
         raise ValueError("a Qwen3 (q/k-norm) head has no EAGLE-1/2 Llama layout")
     state = {_theirs(k): v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     cfg = eagle_config(head, target_config)
+    # EAGLE's own loader (not vLLM's or SGLang's: python -m taps.export engine=vllm|sglang)
+    cfg["taps_export"] = {"version": 2, "engine": "eagle", "kind": "eagle2"}
     o_bias = "layers.0.self_attn.o_proj.bias"
     if cfg["attention_bias"] and o_bias not in state:
         # Qwen2-style q/k/v biases: a LlamaConfig(attention_bias=True) also has an o bias;
@@ -274,9 +275,16 @@ def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
     """A head in the EAGLE-1/2 layout, checked against `target`; returns (head, config)."""
     path = Path(path)
     state, wfile = _read_weights(path)
-    state = {k.removeprefix("model."): v for k, v in state.items()}
     cfile = path / "config.json"
     meta = json.loads(cfile.read_text()) if cfile.is_file() else {}
+    return load_eagle_state(state, meta, wfile, cfile, target)
+
+
+def load_eagle_state(
+    state: dict[str, Tensor], meta: dict, wfile: Path, cfile: Path, target: Llama
+) -> tuple[DraftHead, dict]:
+    """`load_eagle` on weights already read (an engine's layout may add or unfold tensors)."""
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     _check_sizes(state, meta, wfile, cfile, target)
     emb = state.pop("embed_tokens.weight", None)
     if emb is not None:
@@ -285,27 +293,5 @@ def load_eagle(path: str | Path, target: Llama) -> tuple[DraftHead, dict]:
     head = _new_head(ours, meta, wfile, cfile, target)
     _complete(ours, head.state_dict(), wfile)
     head.load_state_dict(ours)
-    meta = {**meta, "source": str(path), "format": "eagle", "weights": wfile.name}
+    meta = {**meta, "source": str(wfile.parent), "format": "eagle", "weights": wfile.name}
     return head.to(target.lm_head.weight.device).eval(), meta
-
-
-def load_pretrained(name: str, target: Llama) -> tuple[DraftHead, dict]:
-    """`drafter.path`: a local EAGLE-layout directory, one written by `save_head`, or a hub id
-    (downloaded with huggingface_hub; needs network unless already cached)."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        if (local / "head.safetensors").is_file():
-            return load_head(local, target)
-        return load_eagle(local, target)
-    if local.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"drafter.path={name}: no such directory (nor a hub id org/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = snapshot_download(name, allow_patterns=["config.json", *WEIGHT_FILES.values()])
-    except Exception as e:  # offline, unknown repo, gated: the hub raises many types
-        raise FileNotFoundError(
-            f"drafter.path={name}: could not download from the Hugging Face hub "
-            f"({type(e).__name__}: {e}); download it elsewhere and pass the local directory"
-        ) from e
-    return load_eagle(path, target)

@@ -59,12 +59,18 @@ def resolve_precision(precision: str | int | None, accelerator: str | None = "cp
     return "bf16-mixed" if bf16_is_fast(device) else "32-true"
 
 
-def cast_for_serving(name: str | None, target: torch.nn.Module, heads: list) -> str | None:
+def cast_for_serving(
+    name: str | None, target: torch.nn.Module, heads: list, exact: bool = False
+) -> str | None:
     """Cast the target and draft heads to eval.dtype (resolving `auto`): training runs in its
-    own precision, decoding in this one. Returns the dtype name, or None (kept as loaded)."""
+    own precision, decoding in this one. `exact` (eval.exact) keeps the target in float32 and
+    casts only the heads: greedy output is then the float32 target's, token for token.
+    Returns the dtype name, or None (kept as loaded)."""
     serve = resolve_dtype(name, next(target.parameters()).device)
+    if exact:
+        target.to(torch.float32)
     if serve:
         dtype = getattr(torch, serve)
-        for module in (target, *heads):
+        for module in (*([] if exact else [target]), *heads):
             module.to(dtype)
     return serve

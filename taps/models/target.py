@@ -45,6 +45,7 @@ class Target:
     tokenizer: object
     name: str
     key: str  # content key of the weights
+    source_dir: str = ""  # the Hugging Face directory it was loaded from, if any
 
     def __post_init__(self) -> None:
         # load_head sees only the model: let it tell a head trained on other weights.
@@ -139,7 +140,8 @@ def load_local(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     model = model.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
     tok = _named(path / "tokenizer.json", lambda: AutoTokenizer.from_pretrained(str(path)))
-    return Target(model=model, tokenizer=tok, name=path.name, key=weights_key(path, files))
+    return Target(model=model, tokenizer=tok, name=path.name, key=weights_key(path, files),
+                  source_dir=str(path))  # fmt: skip
 
 
 def _named(file: Path, load: Callable[[], Any]) -> Any:

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from taps.paths import atomic_write_text  # noqa: E402
 from taps.report.figures import save_figure  # noqa: E402
-from taps.report.routing import routing_plot  # noqa: E402
+from taps.report.routing import routing_plot, weights_plot  # noqa: E402
 
 # 2: rows carry `strategy` and its `options` (1: only the display label `routing`).
 SCHEMA_VERSION = 2
@@ -39,6 +39,8 @@ COLUMNS = [
     "target_forwards",
     "wall_time_s",
     "tokens_per_s",
+    "vanilla_tokens_per_s",
+    "speedup_vs_vanilla",
     "tree_tokens_per_cycle",
     "draft_forwards_per_cycle",
     "identical_fraction",
@@ -84,10 +86,35 @@ def to_markdown(rows: list[dict]) -> str:
             mean = sum(got) / len(got) if got else None
             lines.append(f"| {v} | " + " | ".join(_fmt(c) for c in cells) + f" | {_fmt(mean)} |")
         lines.append("")
+    lines += speed_lines(rows)
     lines += ["### all columns", "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(v) for v in flat(r).values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+def speed_lines(rows: list[dict]) -> list[str]:
+    """What speculative decoding bought in wall time, where vanilla decoding ran beside it
+    (eval.verify_lossless at T=0): tokens/s of both, the speedup, and output identity."""
+    timed = [r for r in rows if r.get("speedup_vs_vanilla") is not None]
+    if not timed:
+        return []
+    lines = ["### speed against vanilla decoding (same process, same precision, turn by turn)",
+             "", "| variant | bench | tau | speculative tok/s | vanilla tok/s | speedup | "
+             "identical to vanilla |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in timed:
+        check = r.get("lossless") or {}
+        same = round(check.get("identical_fraction", 0) * check.get("checked_turns", 0))
+        lines.append(f"| {r['variant']} | {r['bench']} | {r['tau']:.2f} | {r['tokens_per_s']:.1f} "
+                     f"| {r['vanilla_tokens_per_s']:.1f} | {r['speedup_vs_vanilla']:.2f}x | "
+                     f"{same}/{check.get('checked_turns', 0)} turns |")  # fmt: skip
+    spec = sum(r["new_tokens"] for r in timed) / sum(r["wall_time_s"] for r in timed)
+    van = sum(r["new_tokens"] for r in timed) / sum(
+        r["new_tokens"] / r["vanilla_tokens_per_s"] for r in timed
+    )
+    lines += ["", f"**Overall: {spec:.1f} tok/s speculative vs {van:.1f} tok/s vanilla: "
+              f"{spec / van:.2f}x.**", ""]  # fmt: skip
+    return lines
 
 
 def _fmt(v: object) -> str:
@@ -186,10 +213,12 @@ def result_paths(run_dir: str | Path) -> dict[str, Path]:
         "heatmap": run_dir / "tau_heatmap.png",
         "depth": run_dir / "acceptance_by_depth.png",
         "routing": run_dir / "routing_shares.png",
+        "weights": run_dir / "routing_weights.png",
         "outputs": run_dir / "outputs.jsonl",
     }
-    if not paths["routing"].is_file():
-        del paths["routing"]
+    for optional in ("routing", "weights"):
+        if not paths[optional].is_file():
+            del paths[optional]
     return paths
 
 
@@ -218,7 +247,8 @@ def write_results(
     """Every file of a run, from its rows (and the generated texts, one JSON line per prompt
     and turn, in outputs.jsonl)."""
     run_dir = Path(run_dir)
-    paths = {**result_paths(run_dir), "routing": run_dir / "routing_shares.png"}
+    paths = {**result_paths(run_dir), "routing": run_dir / "routing_shares.png",
+             "weights": run_dir / "routing_weights.png"}  # fmt: skip
     doc = {"schema_version": SCHEMA_VERSION, **meta, "rows": rows}
     atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str))
     atomic_write_text(paths["outputs"], "".join(json.dumps(o) + "\n" for o in outputs or []))
@@ -228,6 +258,8 @@ def write_results(
     depth_plot(rows, paths["depth"])
     if not routing_plot(rows, paths["routing"]):
         del paths["routing"]
+    if not weights_plot(rows, paths["weights"]):
+        del paths["weights"]
     return paths
 
 
@@ -241,12 +273,14 @@ def unchanged(run_dir: str | Path, rows: list[dict]) -> bool:
     same = json.dumps(old, sort_keys=True, default=str) == json.dumps(
         rows, sort_keys=True, default=str
     )
-    return same and all(p.is_file() for k, p in result_paths(run_dir).items() if k != "routing")
+    optional = ("routing", "weights")
+    return same and all(p.is_file() for k, p in result_paths(run_dir).items() if k not in optional)
 
 
 def describe(paths: dict[str, Path]) -> str:
     """Where a run's files are, then its Markdown table: what `python -m taps.run` prints."""
     lines = [f"routing shares: {paths['routing']}"] if "routing" in paths else []
+    lines += [f"routing weights: {paths['weights']}"] if "weights" in paths else []
     lines += ["", f"results: {paths['json']}", f"  table: {paths['md']}",
               f"  csv:   {paths['csv']}", f"  texts: {paths['outputs']}",
               f"  plots: {paths['heatmap']}", f"         {paths['depth']}"]  # fmt: skip

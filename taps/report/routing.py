@@ -49,3 +49,37 @@ def routing_plot(rows: list[dict], path: str | Path) -> bool:
     axes[0].legend(title="drafter", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(fig, path)
     return True
+
+
+def weights_plot(rows: list[dict], path: str | Path) -> bool:
+    """Each routed row's per-cycle routing weights over its session (one panel a row), the
+    source of each cycle's prompt shaded behind: how an online router follows a mixed stream.
+    False if no row has a trajectory."""
+    traced = [r for r in rows if (r.get("route_trajectory") or {}).get("cycle")]
+    if not traced:
+        return False
+    fig, axes = plt.subplots(len(traced), 1, figsize=(11, 2.4 * len(traced)), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    shades = plt.get_cmap("Pastel2").colors
+    for ax, r in zip(axes[:, 0], traced, strict=True):
+        t = r["route_trajectory"]
+        names = r.get("drafters") or [str(i) for i in range(len(t["scores"][0]))]
+        sources = list(dict.fromkeys(t["source"]))
+        start = 0
+        for i in range(1, len(t["cycle"]) + 1):  # shade each run of one source
+            if i == len(t["cycle"]) or t["source"][i] != t["source"][start]:
+                end = t["cycle"][i] if i < len(t["cycle"]) else t["cycle"][-1]
+                k = sources.index(t["source"][start]) if len(sources) <= 8 else 0
+                ax.axvspan(t["cycle"][start], end, color=shades[k % 8], lw=0)
+                start = i
+        for d, name in enumerate(names):
+            ax.plot(t["cycle"], [s[d] for s in t["scores"]], color=colors[d % 10], lw=1, label=name)
+        ax.set_title(f"{r['routing']} {r['bench']} T={r['temperature']:g}", fontsize=9)
+        ax.set_ylabel("weight / score")
+        handles = [plt.Rectangle((0, 0), 1, 1, color=shades[k % 8]) for k in range(len(sources))]
+        if len(sources) <= 8:
+            ax.legend(ax.get_legend_handles_labels()[0] + handles, names + sources, fontsize=7,
+                      loc="upper left", bbox_to_anchor=(1.01, 1))  # fmt: skip
+    axes[-1, 0].set_xlabel("decoding cycle in the session")
+    save_figure(fig, path)
+    return True

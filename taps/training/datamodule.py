@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from taps.training.features import FeatureSet
+from taps.training.features import FeatureSet, OnlineFeatures
 from taps.training.resume import EpochBatchSampler, ResumableLoader
 
 
@@ -24,6 +24,9 @@ class PairDataset(Dataset):
         return len(self.fs)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.fs.features is None:  # online: the collate function computes the features
+            a, b = int(self.fs.offsets[i]), int(self.fs.offsets[i + 1])
+            return {"ids": self.fs.input_ids[a:b], "mask": self.fs.loss_mask[a:b]}
         ids, f, m = self.fs.example(i)
         f_in = f if self.fs.aux is None else self.fs.inputs(i)
         return {"f_in": f_in[:-1], "tokens": ids[1:], "f_next": f[1:], "mask": m[1:]}
@@ -46,14 +49,43 @@ def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
+class OnlineCollate:
+    """Batches of token ids -> the same training pairs as `collate`, with the features computed
+    by the frozen target on the padded batch (causal attention: padding changes nothing)."""
+
+    def __init__(self, features: OnlineFeatures) -> None:
+        self.features = features
+
+    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        n = max(len(b["ids"]) for b in batch)
+        ids = torch.zeros(len(batch), n, dtype=torch.long)
+        for r, b in enumerate(batch):
+            ids[r, : len(b["ids"])] = b["ids"]
+        f, aux = self.features(ids)
+        f_in = f if aux is None else aux
+        pairs = []
+        for r, b in enumerate(batch):
+            k = len(b["ids"])
+            pairs.append({"f_in": f_in[r, : k - 1], "tokens": b["ids"][1:],
+                          "f_next": f[r, 1:k], "mask": b["mask"][1:]})  # fmt: skip
+        return collate(pairs)
+
+
 class FeatureDataModule(L.LightningDataModule):
     def __init__(
-        self, train: FeatureSet, val: FeatureSet | None, batch_size: int, seed: int
+        self,
+        train: FeatureSet,
+        val: FeatureSet | None,
+        batch_size: int,
+        seed: int,
+        online: OnlineFeatures | None = None,
     ) -> None:
+        """`online`: the sets hold tokens only and each batch runs the target (data.features)."""
         super().__init__()
         self.train_set = PairDataset(train)
         self.val_set = PairDataset(val) if val is not None else None
         self.batch_size, self.seed = batch_size, seed
+        self.collate = collate if online is None else OnlineCollate(online)
         self.sampler = EpochBatchSampler(len(self.train_set), batch_size, seed)
 
     def setup(self, stage: str) -> None:
@@ -67,7 +99,7 @@ class FeatureDataModule(L.LightningDataModule):
         return ResumableLoader(
             self.train_set,
             batch_sampler=self.sampler,
-            collate_fn=collate,
+            collate_fn=self.collate,
             generator=torch.Generator().manual_seed(self.seed),
         )
 
@@ -78,6 +110,6 @@ class FeatureDataModule(L.LightningDataModule):
             self.val_set,
             self.batch_size,
             shuffle=False,
-            collate_fn=collate,
+            collate_fn=self.collate,
             generator=torch.Generator().manual_seed(self.seed),
         )

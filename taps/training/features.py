@@ -222,6 +222,44 @@ def _run_pass(
     return meta
 
 
+def token_set(target: Target, conversations: list[Conversation], max_len: int) -> FeatureSet:
+    """The tokens and loss masks of a feature set without its features (data.features=online:
+    the training batches run the frozen target themselves, `OnlineFeatures`)."""
+    plan = _plan(target, conversations, max_len)
+    t = plan.tensors()
+    meta = {"examples": len(plan.ids), "skipped": plan.skipped, "tokens": plan.total,
+            "supervised_tokens": int(t["loss_mask"].sum()), "max_len": max_len, "online": True,
+            "by_source": source_stats(plan.ids, plan.masks, plan.sources)}  # fmt: skip
+    return FeatureSet(t["input_ids"], None, t["loss_mask"], t["offsets"], meta)  # type: ignore[arg-type]
+
+
+class OnlineFeatures:
+    """Features computed batch by batch from the frozen target during training, instead of a
+    cached pass: no disk, and no memory but a copy of the target in `compute_dtype`. Rounded
+    to `store_dtype` as cached features are, so both modes train on the same numbers up to the
+    batch shapes the matmuls see."""
+
+    def __init__(
+        self,
+        target: Target,
+        aux_layers: tuple[int, ...],
+        store_dtype: str = "bfloat16",
+        compute_dtype: str | None = None,
+    ) -> None:
+        self.model = in_dtype(target.model, compute_dtype)
+        self.aux_layers, self.dtype = aux_layers, DTYPES[store_dtype]
+        self.device = target.device
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids [B, n] (right-padded) -> (f [B, n, h], auxiliary layers [B, n, k h] or None)."""
+        states = self.model.states(ids.to(self.device), capture=self.aux_layers)
+        f = states.final.to(self.dtype).cpu()
+        if not f.isfinite().all():
+            raise FloatingPointError("the target computed non-finite features in a training batch")
+        return f, _concat(states.layers, self.aux_layers, self.dtype)
+
+
 def compute_features(
     target: Target,
     conversations: list[Conversation],

@@ -31,7 +31,14 @@ from taps.models.precision import resolve_dtype, resolve_precision
 from taps.models.target import Target
 from taps.paths import atomic_dir, content_key, file_lock, verify_entry
 from taps.training.datamodule import FeatureDataModule
-from taps.training.features import FEATURES_VERSION, FeatureSet, cached_features, features_key
+from taps.training.features import (
+    FEATURES_VERSION,
+    FeatureSet,
+    OnlineFeatures,
+    cached_features,
+    features_key,
+    token_set,
+)
 from taps.training.guards import FiniteLoss, check_finite_weights
 from taps.training.module import DraftModule
 from taps.training.objectives import Objective
@@ -78,6 +85,21 @@ def aux_layer_ids(drafter: DictConfig, n_layers: int) -> tuple[int, ...]:
     """drafter.aux_layers, or the reference's (2, L/2, L-3) when it is null."""
     ids = drafter.get("aux_layers")
     return default_aux_layers(n_layers) if ids is None else tuple(int(i) for i in ids)
+
+
+def features_mode(data: DictConfig, split: Any, hidden: int, aux: tuple[int, ...]) -> str:
+    """data.features, with `auto` resolved by size: cached unless the features could exceed
+    data.features_disk_gb (bound: every example at max_len, final plus auxiliary layers in
+    the stored dtype), then online (a 70k-example, 8B-target mixture would need terabytes)."""
+    mode = str(data.get("features", "cached"))
+    if mode not in ("cached", "online", "auto"):
+        raise ValueError(f"data.features={mode!r}: expected cached, online or auto")
+    if mode != "auto":
+        return mode
+    examples = len(split.train) + len(split.val)
+    width = hidden * (1 + len(aux)) * (4 if data.get("feature_dtype") == "float32" else 2)
+    bound_gb = examples * int(data.max_len) * width / 2**30
+    return "cached" if bound_gb <= float(data.get("features_disk_gb", 64)) else "online"
 
 
 def build_objective(drafter: DictConfig) -> Objective:
@@ -129,6 +151,12 @@ class _Job:
     out: Path  # the cache entry
     cache_dir: str
     seed: int
+    features: str = "cached"  # data.features resolved: cached or online
+
+    @property
+    def online(self) -> bool:
+        """data.features=online: batches run the frozen target instead of a cached pass."""
+        return self.features == "online"
 
     @property
     def kind(self) -> str:
@@ -184,7 +212,7 @@ def ensure_drafter(
     A drafter with `path` (drafter=eagle_pretrained) is loaded as published, without training.
     `callbacks` (e.g. `build_callbacks(cfg.callbacks)`) join the trainer's resume checkpoint."""
     if drafter.get("path"):
-        from taps.models.eagle_format import load_pretrained
+        from taps.models.serving import load_pretrained
 
         return load_pretrained(str(drafter.path), target.model)
     memo = content_key(
@@ -242,10 +270,14 @@ def _resolve(
     trainer_cfg = _weight_settings(trainer)
     drafter_cfg = {k: v for k, v in _plain(drafter).items() if k not in _DRAFTER_COSMETIC}
     version = VERSIONS[str(drafter.get("kind", "eagle2"))]
-    key = content_key(version, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed)
+    # Online features round like cached ones, but the matmuls see other batch shapes.
+    mode = features_mode(data, split, target.model.config.hidden_size, aux)
+    online = ["features", "online"] if mode == "online" else []
+    key = content_key(version, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed,
+                      *online)  # fmt: skip
     out = Path(cache_dir) / "drafters" / f"{drafter.name}-{data.name}-{key}"
     return _Job(target, drafter, data, trainer, objective, stage2, split, store, compute, key,
-                out, cache_dir, seed)  # fmt: skip
+                out, cache_dir, seed, mode)  # fmt: skip
 
 
 def _regenerate(
@@ -285,7 +317,10 @@ def _train(job: _Job, lightning_logger: Any, callbacks: list) -> None:
     L.seed_everything(job.seed, workers=True)
     # float32 master weights whatever the target's dtype; autocast handles the compute.
     head = _new_head(job, d2t)
-    dm = FeatureDataModule(train_fs, val_fs, job.drafter.batch_size, job.seed)
+    online = (
+        OnlineFeatures(job.target, job.aux_layers, job.store, job.compute) if job.online else None
+    )
+    dm = FeatureDataModule(train_fs, val_fs, job.drafter.batch_size, job.seed, online)
     fit = _fit(job, _module(job, head, len(dm.sampler)), dm, train_fs, lightning_logger,
                callbacks)  # fmt: skip
     if not fit.trainer.is_global_zero:
@@ -305,16 +340,20 @@ def _new_head(job: _Job, d2t: Tensor | None) -> AnyHead:
 
 
 def _features(job: _Job) -> tuple[FeatureSet, FeatureSet | None]:
-    """Training and validation features (cached); no validation set if none is usable."""
+    """Training and validation features (cached, or tokens only with data.features=online);
+    no validation set if none is usable."""
     target, split, max_len = job.target, job.split, job.data.max_len
     aux = job.aux_layers
-    train_fs = cached_features(
-        target, split.train, job.cache_dir, max_len, job.store, "features/train", job.compute, aux
-    )
+
+    def load(convs: list, desc: str) -> FeatureSet:
+        if job.online:
+            return token_set(target, convs, max_len)
+        return cached_features(target, convs, job.cache_dir, max_len, job.store, desc,
+                               job.compute, aux)  # fmt: skip
+
+    train_fs = load(split.train, "features/train")
     try:
-        val_fs = cached_features(
-            target, split.val, job.cache_dir, max_len, job.store, "features/val", job.compute, aux
-        )
+        val_fs = load(split.val, "features/val")
     except DataError as e:  # e.g. every held-out example truncated before its answer
         log.warning("no validation set (%s): training without held-out metrics", e)
         val_fs = None

@@ -1,0 +1,103 @@
+"""Online drafter selection on the mixed-task stream (experiment=stream): one table per
+temperature with tau, tokens/s, draft forwards and verified tokens per cycle for every
+strategy, the per-task oracle, and paired 95% intervals of each strategy against hedge.
+
+    python experiments/stream_table.py outputs/multiruns/<stamp> [more dirs] [--out F.md]
+        [--math mathinstruct] [--chat sharegpt]
+
+The oracle is the right specialist for each prompt's source (the math drafter on GSM8K,
+MATH-500 and SVAMP, the ShareGPT drafter on MT-Bench), put together from the two single-drafter
+runs question by question: what a router that knew each prompt's task would get.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from taps.eval.intervals import mean_difference_ci
+from taps.eval.metrics import bootstrap_tau
+from taps.paths import atomic_write_text
+from taps.report.rows import load_rows, tau_cell
+
+CHAT_SOURCES = ("mt_bench",)
+
+
+def name(row: dict) -> str:
+    if row["strategy"] == "single":
+        return f"single({row['data']})"
+    opts = row.get("options") or {}
+    return row["routing"] + ("" if row["strategy"] != "hedge" else f" eta={opts.get('eta')}")
+
+
+def oracle(rows: list[dict], math: str, chat: str) -> dict | None:
+    """The stream row a task oracle would produce, from the two specialists' rows."""
+    by = {r["data"]: r for r in rows if r["strategy"] == "single"}
+    if math not in by or chat not in by:
+        return None
+    per_q, secs = {}, {}
+    for q in by[math]["per_question"]:
+        who = by[chat] if q.split("/")[0] in CHAT_SOURCES else by[math]
+        per_q[q] = who["per_question"][q]
+        secs[q] = (who.get("seconds_per_question") or {}).get(q)
+    tokens, forwards = (sum(v[i] for v in per_q.values()) for i in (0, 1))
+    known = [s for s in secs.values() if s is not None]
+    base = by[math]
+    return {**base, "strategy": "oracle", "routing": "task oracle", "data": "oracle",
+            "tau": tokens / forwards, "per_question": per_q, "tau_ci95": bootstrap_tau(list(per_q.values())),
+            "tokens_per_s": tokens / sum(known) if len(known) == len(secs) else None,
+            "draft_forwards_per_cycle": None, "tree_tokens_per_cycle": base["tree_tokens_per_cycle"]}  # fmt: skip
+
+
+def table(rows: list[dict], temp: float, math: str, chat: str) -> list[str]:
+    stream = [r for r in rows if r["bench"] == "stream" and r["temperature"] == temp]
+    extra = oracle(stream, math, chat)
+    stream += [extra] if extra else []
+    hedge = next((r for r in stream if r["strategy"] == "hedge"), None)
+    sources = sorted(
+        {r["bench"].split("/", 1)[1] for r in rows if r["bench"].startswith("stream/")}
+    )
+    lines = [f"### T={temp:g}: the mixed stream ({stream[0]['prompts']} prompts)", "",
+             "| strategy | tau | " + " | ".join(f"tau {s}" for s in sources)
+             + " | tok/s | draft fwd/cycle | verified/cycle | hedge - this (paired 95%) |",
+             "|---" * (6 + len(sources)) + "|"]  # fmt: skip
+    for r in stream:
+        subs = [next((x for x in rows if x["bench"] == f"stream/{s}" and x["temperature"] == temp
+                      and x["variant"] == r["variant"]), None) for s in sources]  # fmt: skip
+        cells = ["-" if x is None else f"{x['tau']:.2f}" for x in subs]
+        diff = ""
+        if hedge is not None and r is not hedge:
+            d, ci = mean_difference_ci([hedge], [r])
+            diff = f"{d:+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
+        fwd, ver, tps = (
+            r.get("draft_forwards_per_cycle"),
+            r.get("tree_tokens_per_cycle"),
+            r.get("tokens_per_s"),
+        )
+        lines.append(f"| {name(r)} | {tau_cell(r['tau'], r.get('tau_ci95'))} | " + " | ".join(cells)
+                     + f" | {'-' if tps is None else f'{tps:.1f}'} | {'-' if fwd is None else f'{fwd:.1f}'}"
+                     f" | {'-' if ver is None else f'{ver:.1f}'} | {diff} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dirs", nargs="+")
+    ap.add_argument("--out")
+    ap.add_argument("--math", default="mathinstruct")
+    ap.add_argument("--chat", default="sharegpt")
+    args = ap.parse_args()
+    rows = [r for r in load_rows(*args.dirs) if r["bench"].startswith("stream")]
+    if not rows:
+        raise SystemExit(f"no bench=stream rows below {args.dirs}")
+    lines = []
+    for temp in sorted({r["temperature"] for r in rows}):
+        lines += table(rows, temp, args.math, args.chat)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        atomic_write_text(Path(args.out), text + "\n")
+
+
+if __name__ == "__main__":
+    main()

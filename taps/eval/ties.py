@@ -1,0 +1,56 @@
+"""When a greedy divergence from vanilla decoding is floating-point noise, not a bug.
+
+Tree verification and step-by-step decoding compute the same logits in different orders (and,
+for several rows, with other matrix kernels), so their argmax can differ where the target's
+top-2 logits are within rounding noise of each other. That noise follows the precision the
+target runs in: about eps(dtype) x |logit| per rounding, accumulated over the layers. A
+divergence is a near-tie when both computations' own top-2 gaps there are within
+
+    threshold = TIE_EPS x eps(dtype) x max(|top-1 logit|, 1)
+
+(eps: float32 1.2e-7, bfloat16 7.8e-3). TIE_EPS is measured, not guessed:
+experiments/README.md ("Losslessness in bf16") gives the logit noise between tree and step
+decoding of SmolLM2 in both precisions; TIE_EPS covers its observed maximum with a margin.
+`eval.near_tie` set to a number replaces the threshold by that absolute gap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from taps.engine.stats import Generation
+
+TIE_EPS = 16.0
+
+
+def tie_threshold(dtype: torch.dtype, top1: float) -> float:
+    return TIE_EPS * torch.finfo(dtype).eps * max(abs(top1), 1.0)
+
+
+def compare(spec: Generation, ref: Generation, dtype: torch.dtype, near_tie: float | None) -> dict:
+    """Token-for-token agreement of a greedy speculative generation with vanilla greedy
+    decoding in the same precision; at the first divergence, both computations' top-2 gaps,
+    the threshold the precision gives there (or the absolute `near_tie`) and the verdict."""
+    a, b = spec.tokens, ref.tokens
+    if a == b:
+        return {"identical": True}
+    pos = next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+    gap = ref.top2_gaps[pos] if pos < len(ref.top2_gaps) else None
+    spec_gap = spec.top2_gaps[pos] if pos < len(spec.top2_gaps) else None
+    top1 = ref.top1_logits[pos] if pos < len(ref.top1_logits) else None
+    threshold = near_tie
+    if threshold is None and top1 is not None:
+        threshold = tie_threshold(dtype, top1)
+    gaps = [g for g in (gap, spec_gap) if g is not None]
+    return {
+        "identical": False,
+        "position": pos,
+        "top2_gap": gap,  # vanilla decoding's gap at the divergence
+        "spec_top2_gap": spec_gap,  # the verified row's gap there
+        "top1_logit": top1,
+        "threshold": threshold,
+        "dtype": str(dtype).removeprefix("torch."),
+        "near_tie": bool(gaps) and threshold is not None and max(gaps) <= threshold,
+    }
