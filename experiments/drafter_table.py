@@ -12,15 +12,6 @@ import sys
 from taps.report.rows import results_files, rows_of
 
 
-def _stderr(values: list[float]) -> float | None:
-    """Standard error of the mean over questions: the noise level of a tau."""
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
-
-
 def rows(paths: list[str]) -> list[dict]:
     out = []
     for f, res in results_files(*paths):
@@ -33,19 +24,25 @@ def rows(paths: list[str]) -> list[dict]:
         row = {
             "drafter": meta["drafter"]["name"],
             "data": found[0]["data"],
+            "tree": found[0].get("tree"),
+            "T": found[0]["temperature"],
             "regenerate": "regenerated" in data,
             "draft_vocab": meta.get("draft_vocab"),
             "train_tokens": data.get("train_features", {}).get("tokens"),
             "features_s": data.get("train_features", {}).get("seconds"),
             "train_s": meta.get("train_seconds"),
             "top1_d1": fm.get("val/top1_d1", fm.get("val/top1")),
+            "top1_d2": fm.get("val/top1_d2"),
+            "top1_d3": fm.get("val/top1_d3"),
+            "top1_d5": fm.get("val/top1_d5"),
             "sim_tau": fm.get("val/sim_tau"),
             "run": str(f.parent),
         }
         for r in found:
-            row[f"tau {r['bench']}"] = r["tau"]
-            per_q = list((r.get("tau_per_question") or {}).values())
-            row[f"+- {r['bench']}"] = _stderr(per_q)
+            ci = r.get("tau_ci95")
+            row[f"tau {r['bench']}"] = (
+                r["tau"] if not ci else f"{r['tau']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+            )
             row[f"tok/s {r['bench']}"] = r.get("tokens_per_s")
         out.append(row)
     return out
@@ -67,4 +64,7 @@ def markdown(table: list[dict]) -> str:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    print(markdown(rows(sys.argv[1:])))
+    table = sorted(
+        rows(sys.argv[1:]), key=lambda r: (r["data"], r["drafter"], str(r["tree"]), r["T"])
+    )
+    print(markdown(table))

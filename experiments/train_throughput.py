@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 
 from taps.config import CONF_DIR, register_resolvers
 from taps.data.mixture import build_mixture, select_budget
-from taps.memory import PeakMemory
+from taps.memory import PeakMemory, limit_heap_growth, release_memory
 from taps.models.eagle3_head import default_aux_layers
 from taps.models.heads import build_head
 from taps.models.precision import resolve_dtype, resolve_precision
@@ -33,6 +33,8 @@ from taps.training.features import FeatureSet, OnlineFeatures, cached_features, 
 from taps.training.module import DraftModule
 from taps.training.objectives import Eagle2Objective, Eagle3Objective, HassObjective, Objective
 from taps.training.vocab import frequent_tokens
+
+TRIM_EVERY = 25
 
 
 def measure(
@@ -53,7 +55,7 @@ def measure(
     loader = FeatureDataModule(fs, None, 4, 0, online).train_dataloader()
     it = iter(loader)
     tokens, t0 = 0, None
-    with PeakMemory("cpu") as mem:
+    with PeakMemory("cpu") as mem:  # peak_mb: the whole process; extra_mb: above the start
         for i in range(steps + 3):  # three warm-up steps
             if i == 3:
                 tokens, t0 = 0, time.perf_counter()
@@ -64,7 +66,9 @@ def measure(
             opt.step()
             opt.zero_grad()
             tokens += batch["tokens"].numel()
-    return tokens / (time.perf_counter() - t0), mem.extra_mb
+            if i % TRIM_EVERY == 0:  # as training's TrimMemory callback does
+                release_memory()
+    return tokens / (time.perf_counter() - t0), mem.peak_mb
 
 
 def _features(target: Target, cfg, aux: tuple[int, ...]) -> tuple[FeatureSet, FeatureSet]:
@@ -82,7 +86,7 @@ def _features(target: Target, cfg, aux: tuple[int, ...]) -> tuple[FeatureSet, Fe
 def _table(rows: list[tuple]) -> None:
     base = rows[0][3]
     print(
-        "| objective | vocabulary | features | tokens/s | vs first row | peak memory (MiB over start) |"
+        "| objective | vocabulary | features | tokens/s | vs first row | process peak RSS (MiB) |"
     )
     print("|---|---|---|---|---|---|")
     for name, vocab, feats, tps, mb in rows:
@@ -96,7 +100,11 @@ def main() -> None:
     ap.add_argument("--data", default="mathinstruct")
     ap.add_argument("--ttt", default="1,3,5,7", help="EAGLE-3 training-time-test depths")
     ap.add_argument("--eagle3-only", action="store_true")
+    ap.add_argument("--mmap-mb", type=float, help="own mapping for allocations >= this (glibc)")
+    ap.add_argument("--no-online", action="store_true")
     args = ap.parse_args()
+    if args.mmap_mb:
+        print(f"heap growth limited: {limit_heap_growth(int(args.mmap_mb * 2**20))}")
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose("config", [f"data={args.data}"])
@@ -121,7 +129,8 @@ def main() -> None:
     compute = resolve_dtype(cfg.data.feature_compute_dtype, target.device)
     online = OnlineFeatures(target, aux, "bfloat16", compute)
     for steps in [int(x) for x in args.ttt.split(",")]:
-        for feats, source, mode in [("cached", fs, None), ("online", tokens, online)]:
+        modes = [("cached", fs, None), ("online", tokens, online)][: 1 if args.no_online else 2]
+        for feats, source, mode in modes:
             tps, mb = measure(target, source, Eagle3Objective(steps), d2t, args.steps, bf16, mode)
             rows.append((f"eagle3 (TTT {steps})", str(args.vocab), feats, tps, mb))
     _table(rows)

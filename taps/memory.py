@@ -68,3 +68,41 @@ class PeakMemory:
     def as_dict(self) -> dict:
         kind = "cuda_allocated" if self.device.type == "cuda" else "cpu_rss"
         return {"kind": kind, "peak_mb": self.peak_mb, "extra_mb": self.extra_mb}
+
+
+# glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _libc():  # noqa: ANN202 (ctypes handle or None)
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "mallopt") else None
+
+
+def limit_heap_growth(mmap_threshold: int = 1 << 20) -> bool:
+    """Allocations of at least `mmap_threshold` bytes get their own mapping, returned to the
+    system when freed. glibc otherwise raises this threshold up to 32 MB as tensors are freed,
+    so training's variable-shaped tensors fill the heap with fragments it never returns (a
+    fresh `make run` grew to 8 GB that way). False where this is not glibc."""
+    lib = _libc()
+    if lib is None:
+        return False
+    ok = lib.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+    return ok and lib.mallopt(_M_TRIM_THRESHOLD, 4 * mmap_threshold) == 1
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (between training and decoding)."""
+    import gc
+
+    gc.collect()
+    lib = _libc()
+    if lib is not None and hasattr(lib, "malloc_trim"):
+        lib.malloc_trim(0)

@@ -285,3 +285,28 @@ def test_a_drafter_on_the_users_jsonl_composes_with_confidence_routing(tmp_path)
     assert row["lossless"]["identical_fraction"] == 1.0
     names = sorted(p.name.split("-")[1] for p in (tmp_path / "cache" / "drafters").iterdir())
     assert names == ["jsonl", "mathinstruct"]
+
+
+def test_tiny_hedge_run_on_the_stream_reports_per_source_and_weights(tmp_path):
+    """routing=hedge on bench=stream end to end: one row for the session and one per source,
+    the weight trajectory with each cycle's source, the plot, vanilla speed beside ours."""
+    cfg = cfg_with(
+        [*TINY, "routing=hedge", TINY_DRAFTERS, "logger=none", "bench=stream", "bench.limit=1",
+         "eval.verify_lossless=true", "bench.stream.mix={gsm8k: 1, mt_bench: 1}"],
+        tmp_path,
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.target.cache_dir = cfg.paths.cache_dir
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    out = run(cfg, tmp_path)
+    rows = {r["bench"]: r for r in out["rows"]}
+    assert set(rows) == {"stream", "stream/gsm8k", "stream/mt_bench"}
+    whole, parts = rows["stream"], [rows["stream/gsm8k"], rows["stream/mt_bench"]]
+    assert whole["turns"] == sum(p["turns"] for p in parts) == 3  # MT-Bench has 2 turns
+    assert whole["new_tokens"] == sum(p["new_tokens"] for p in parts)
+    assert whole["lossless"]["identical_fraction"] == 1.0 and whole["speedup_vs_vanilla"] > 0
+    traj = whole["route_trajectory"]
+    assert set(traj["source"]) <= {"gsm8k", "mt_bench"} and len(traj["scores"][0]) == 2
+    assert out["paths"]["weights"].stat().st_size > 1000
+    md = (tmp_path / "results.md").read_text()
+    assert "speed against vanilla decoding" in md and "stream/gsm8k" in md

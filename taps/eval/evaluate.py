@@ -15,6 +15,7 @@ from taps.engine.decoder import SpeculativeDecoder, check_context, vanilla_gener
 from taps.engine.stats import Generation
 from taps.eval.metrics import acceptance_by_depth, bootstrap_tau, node_stats, routing_shares, tau
 from taps.eval.ties import compare
+from taps.memory import PeakMemory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -61,31 +62,54 @@ def run_bench(
         decoder.proposer.new_session()
     t0 = time.perf_counter()
     bar = tqdm(prompts, desc=f"{bench} T={temperature:g}", unit="q", leave=False)
-    for q in bar:
-        spec_hist: list[dict] = []
-        ref_hist: list[dict] = []
-        for k, turn in enumerate(q.turns):
-            spec_hist.append({"role": "user", "content": turn})
-            ids = prompt_ids(tokenizer, spec_hist)
-            # here, unlike in generate, the error can name the question
-            where = f"{bench} question_id {q.question_id!r}, turn {k + 1}"
-            check_context(decoder.target, len(ids), max_new_tokens, where)
-            gen = decoder.generate(ids, max_new_tokens, temperature, top_p, gen_rng, record_nodes)
-            rec = TurnRecord(q.question_id, k, gen, prompt=turn, text=_text(tokenizer, gen.tokens),
-                             source=q.source)  # fmt: skip
-            spec_hist.append({"role": "assistant", "content": rec.text})
-            if verify_lossless and temperature <= 0:
-                ref_hist.append({"role": "user", "content": turn})
-                ref = vanilla_generate(
-                    decoder.target, prompt_ids(tokenizer, ref_hist), max_new_tokens, decoder.eos_ids
-                )
-                ref_hist.append({"role": "assistant", "content": _text(tokenizer, ref.tokens)})
-                rec.lossless = compare(gen, ref, decoder.target.lm_head.weight.dtype, near_tie)
-                rec.vanilla = (len(ref.tokens), ref.wall_time_s)
-            run.turns.append(rec)
-        bar.set_postfix(tau=f"{tau([t.gen for t in run.turns]):.2f}")
+    with PeakMemory(decoder.target.lm_head.weight.device, interval_s=0.02) as mem:
+        for q in bar:
+            run.turns += _question(decoder, tokenizer, bench, q, max_new_tokens, temperature,
+                                   top_p, gen_rng, verify_lossless, near_tie, record_nodes)  # fmt: skip
+            bar.set_postfix(tau=f"{tau([t.gen for t in run.turns]):.2f}")
+    run.peak_memory = mem.as_dict()
     run.wall_time_s = time.perf_counter() - t0
     return run
+
+
+def _question(
+    decoder: SpeculativeDecoder,
+    tokenizer: PreTrainedTokenizerBase,
+    bench: str,
+    q: BenchPrompt,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    gen_rng: torch.Generator,
+    verify_lossless: bool,
+    near_tie: float | None,
+    record_nodes: bool,
+) -> list[TurnRecord]:
+    """Every turn of one question, each prompt holding the decoder's own earlier answers;
+    vanilla decoding beside it (its own history) when checking losslessness."""
+    spec_hist: list[dict] = []
+    ref_hist: list[dict] = []
+    out = []
+    for k, turn in enumerate(q.turns):
+        spec_hist.append({"role": "user", "content": turn})
+        ids = prompt_ids(tokenizer, spec_hist)
+        # here, unlike in generate, the error can name the question
+        check_context(decoder.target, len(ids), max_new_tokens,
+                      f"{bench} question_id {q.question_id!r}, turn {k + 1}")  # fmt: skip
+        gen = decoder.generate(ids, max_new_tokens, temperature, top_p, gen_rng, record_nodes)
+        rec = TurnRecord(q.question_id, k, gen, prompt=turn, text=_text(tokenizer, gen.tokens),
+                         source=q.source)  # fmt: skip
+        spec_hist.append({"role": "assistant", "content": rec.text})
+        if verify_lossless and temperature <= 0:
+            ref_hist.append({"role": "user", "content": turn})
+            ref = vanilla_generate(
+                decoder.target, prompt_ids(tokenizer, ref_hist), max_new_tokens, decoder.eos_ids
+            )
+            ref_hist.append({"role": "assistant", "content": _text(tokenizer, ref.tokens)})
+            rec.lossless = compare(gen, ref, decoder.target.lm_head.weight.dtype, near_tie)
+            rec.vanilla = (len(ref.tokens), ref.wall_time_s)
+        out.append(rec)
+    return out
 
 
 def _text(tokenizer, tokens: list[int]) -> str:
@@ -132,6 +156,7 @@ def summarise(run: BenchRun, max_depth: int, drafters: list[str] | None = None) 
         "target_forwards": sum(g.target_forwards for g in gens),
         "wall_time_s": round(decode_time, 3),
         "tokens_per_s": round(new / max(decode_time, 1e-9), 2),
+        "peak_memory": run.peak_memory,
         "tree_tokens_per_cycle": _mean([c.tree_size for g in gens for c in g.cycles]),
         "draft_forwards_per_cycle": _mean([c.draft_forwards for g in gens for c in g.cycles]),
         "tau_per_question": {k: round(tau(v), 4) for k, v in per_q.items()},

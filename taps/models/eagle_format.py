@@ -65,12 +65,11 @@ def _rope(target_config: Any) -> dict:
     return out
 
 
-def eagle_config(head: DraftHead, target_config: Any) -> dict:
-    c = target_config
-    attn = head.layer.self_attn
-    bias = head.fc.bias is not None
-    cfg = {
-        "architectures": ["LlamaForCausalLM"],
+def layer_config(head: Any, target_config: Any) -> dict:
+    """The LlamaConfig fields of a head's one decoder layer, from the target's config (every
+    export layout starts from these)."""
+    c, attn = target_config, head.layer.self_attn
+    return {
         "model_type": "llama",
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -83,12 +82,20 @@ def eagle_config(head: DraftHead, target_config: Any) -> dict:
         "max_position_embeddings": c.max_position_embeddings,
         "vocab_size": head.embed_weight.shape[0],
         "hidden_act": getattr(c, "hidden_act", "silu"),
-        "bos_token_id": getattr(c, "bos_token_id", None),
-        "eos_token_id": getattr(c, "eos_token_id", None),
         "torch_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
         "tie_word_embeddings": False,
         "attention_bias": attn.q_proj.bias is not None,
         "mlp_bias": head.layer.mlp.gate_proj.bias is not None,
+    }
+
+
+def eagle_config(head: DraftHead, target_config: Any) -> dict:
+    bias = head.fc.bias is not None
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        **layer_config(head, target_config),
+        "bos_token_id": getattr(target_config, "bos_token_id", None),
+        "eos_token_id": getattr(target_config, "eos_token_id", None),
         "bias": bias,  # EAGLE's own loader: fc bias
         "eagle_fc_bias": bias,  # vLLM's older EAGLE code
         "taps_head_version": HEAD_VERSION,

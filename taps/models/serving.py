@@ -39,8 +39,8 @@ from taps.models.eagle_format import (
     WEIGHT_FILES,
     _read_weights,
     _replace_dir,
-    _rope,
     eagle_config,
+    layer_config,
     load_eagle_state,
 )
 from taps.models.heads import AnyHead, load_head
@@ -72,28 +72,6 @@ def fold_fc_bias(head: DraftHead) -> Tensor:
         )
     emb = head.embed_weight.detach().double().cpu()
     return (emb + shift).to(head.embed_weight.dtype)
-
-
-def _llama_fields(c: Any, head: AnyHead) -> dict:
-    attn = head.layer.self_attn
-    return {
-        "model_type": "llama",
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_attention_heads": attn.n_heads,
-        "num_key_value_heads": attn.n_kv,
-        "head_dim": attn.head_dim,
-        "num_hidden_layers": 1,
-        "rms_norm_eps": c.rms_norm_eps,
-        **_rope(c),
-        "max_position_embeddings": c.max_position_embeddings,
-        "vocab_size": head.embed_weight.shape[0],
-        "hidden_act": getattr(c, "hidden_act", "silu"),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "torch_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
-    }
 
 
 def _marker(head: AnyHead, engine: str, **extra: Any) -> dict:
@@ -165,7 +143,7 @@ def _eagle3_state(head: Eagle3Head, layer_prefix: str) -> dict[str, Tensor]:
 def eagle3_vllm(
     head: Eagle3Head, target_config: Any, verifier: str, speculative_tokens: int
 ) -> tuple[dict, dict[str, Tensor], dict]:
-    layer = _llama_fields(target_config, head)
+    layer = layer_config(head, target_config)
     cfg = {
         "architectures": ["Eagle3DraftModel"],
         "speculators_model_type": "eagle3",
@@ -200,7 +178,7 @@ def eagle3_vllm(
 def eagle3_sglang(head: Eagle3Head, target_config: Any) -> tuple[dict, dict[str, Tensor], dict]:
     cfg = {
         "architectures": ["LlamaForCausalLMEagle3"],
-        **_llama_fields(target_config, head),
+        **layer_config(head, target_config),
         "draft_vocab_size": head.vocab_size,
         "bias": False,  # SGLang's EAGLE-3 reads `bias` as the fc bias
         # SGLang captures the stream *after* layer id + 1 - 1: its ids are one less than ours.

@@ -66,7 +66,10 @@ def draft_targets(head: Eagle3Head, f_next: Tensor, mask: Tensor) -> tuple[Tenso
             return p, torch.ones(len(f), dtype=torch.bool, device=f.device)
         in_vocab = torch.zeros(head.lm_head_full.shape[0], dtype=torch.bool, device=f.device)
         in_vocab[head.d2t] = True
-        return p, in_vocab[(f @ head.lm_head_full.T).argmax(-1)]
+        # The full-vocabulary argmax in chunks: [M, 49k] logits at once is the step's largest
+        # tensor (hundreds of MB for a batch of long sequences), and only its argmax is needed.
+        top = torch.cat([(c @ head.lm_head_full.T).argmax(-1) for c in f.split(256)])
+        return p, in_vocab[top]
 
 
 def eagle3_loss(

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from taps.data.conversations import DataError
 from taps.data.mixture import build_mixture, select_budget
-from taps.memory import PeakMemory
+from taps.memory import PeakMemory, release_memory
 from taps.models.eagle3_head import default_aux_layers
 from taps.models.heads import VERSIONS, AnyHead, build_head, check_kind, load_head, save_head
 from taps.models.precision import resolve_dtype, resolve_precision
@@ -328,6 +328,8 @@ def _train(job: _Job, lightning_logger: Any, callbacks: list) -> None:
         # publishes the drafter and evaluates.
         raise SystemExit(0)
     _publish(job, head, fit, train_fs, val_fs, coverage)
+    del fit, dm
+    release_memory()  # training's freed heap goes back to the system before decoding
 
 
 def _new_head(job: _Job, d2t: Tensor | None) -> AnyHead:
