@@ -45,22 +45,27 @@ def test_acceptance_by_depth_and_node_stats():
 def test_compare_classifies_divergences_by_the_precision_used():
     import torch
 
-    ref = Generation(tokens=[5, 6, 7, 8], target_forwards=4, wall_time_s=0,
-                     top2_gaps=[3.0, 2.0, 1e-5, 0.25], top1_logits=[20.0] * 4)  # fmt: skip
-    spec = Generation(tokens=[5, 6, 9, 8], target_forwards=2, wall_time_s=0,
-                      top2_gaps=[3.0, 2.0, 2e-5, 0.125], top1_logits=[20.0] * 4)  # fmt: skip
-    assert compare(ref, ref, torch.float32, None) == {"identical": True}
-    d = compare(spec, ref, torch.float32, None)  # float32 at |logit| 20: threshold 3.8e-5
-    assert d["position"] == 2 and d["near_tie"] and d["top2_gap"] == 1e-5
-    assert d["spec_top2_gap"] == 2e-5 and d["threshold"] == pytest.approx(
-        tie_threshold(torch.float32, 20)
+    bf16 = tie_threshold(torch.bfloat16, 20.0)
+    f32 = tie_threshold(torch.float32, 20.0)
+    assert bf16 / f32 == pytest.approx(
+        torch.finfo(torch.bfloat16).eps / torch.finfo(torch.float32).eps
     )
-    spec.tokens = [5, 6, 7, 9]  # gaps of 0.25 and 0.125: bf16 noise at |logit| 20, not float32's
+    assert tie_threshold(torch.float32, 0.1) == tie_threshold(torch.float32, 1.0)  # floor at 1
+    ref = Generation(tokens=[5, 6, 7, 8], target_forwards=4, wall_time_s=0,
+                     top2_gaps=[3.0, 2.0, f32 / 4, bf16 / 2], top1_logits=[20.0] * 4)  # fmt: skip
+    spec = Generation(tokens=[5, 6, 9, 8], target_forwards=2, wall_time_s=0,
+                      top2_gaps=[3.0, 2.0, f32 / 2, bf16 / 4], top1_logits=[20.0] * 4)  # fmt: skip
+    assert compare(ref, ref, torch.float32, None) == {"identical": True}
+    d = compare(spec, ref, torch.float32, None)
+    assert d["position"] == 2 and d["near_tie"] and d["top2_gap"] == f32 / 4
+    assert d["spec_top2_gap"] == f32 / 2 and d["threshold"] == pytest.approx(f32)
+    spec.tokens = [5, 6, 7, 9]  # gaps within bf16's noise at |logit| 20, not float32's
     assert compare(spec, ref, torch.bfloat16, None)["near_tie"]
     assert not compare(spec, ref, torch.float32, None)["near_tie"]
-    assert compare(spec, ref, torch.float32, 0.5)["near_tie"]  # an absolute eval.near_tie
-    d = compare(Generation([5, 9], 2, 0, [3.0, 2.0], [20.0, 20.0]), ref, torch.bfloat16, None)
-    assert d["position"] == 1 and not d["near_tie"]  # a gap of 2 is a preference, not noise
+    assert compare(spec, ref, torch.float32, bf16)["near_tie"]  # an absolute eval.near_tie
+    wide = Generation([5, 9], 2, 0, [3.0, 4 * bf16], [20.0, 20.0])
+    d = compare(wide, ref, torch.bfloat16, None)  # one computation preferred it clearly
+    assert d["position"] == 1 and not d["near_tie"]
 
 
 def test_tables_hold_every_row():

@@ -166,3 +166,22 @@ def test_export_cli_engines_and_target(tiny64, tmp_path):
     assert (out / "token_map.pt").is_file()
     with pytest.raises(ValueError, match="engine=hf"):
         main([*args, "engine=hf"])
+
+
+def test_check_serving_fails_on_any_difference(capsys):
+    """make check-serving's verdict: identical outputs and acceptance within 2%, or it fails."""
+    from tests.test_paper import _script
+
+    check = _script("check_serving").check
+    mine = {"vanilla": [[1, 2], [3, 4]], "spec": [[1, 2], [3, 4]], "mean_acceptance_length": 2.0,
+            "accepted": 10, "cycles": 10}  # fmt: skip
+    base = {"tokens": [[1, 2], [3, 4]]}
+    spec = {"tokens": [[1, 2], [3, 4]], "vllm_version": "x",
+            "spec": {"mean_acceptance_length": 2.03, "accepted": 103, "drafts": 100}}  # fmt: skip
+    assert check("d", mine, base, spec) == []  # 1.5% apart
+    spec["spec"]["mean_acceptance_length"] = 2.05
+    assert "acceptance" in check("d", mine, base, spec)[0]  # 2.5% apart
+    spec["spec"]["mean_acceptance_length"] = 2.0
+    spec["tokens"] = [[1, 2], [3, 5]]
+    assert "outputs differ" in check("d", mine, base, spec)[0]
+    assert "vLLM 2.0000" in capsys.readouterr().out

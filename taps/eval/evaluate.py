@@ -39,6 +39,7 @@ class BenchRun:
     temperature: float
     turns: list[TurnRecord] = field(default_factory=list)
     wall_time_s: float = 0.0
+    peak_memory: dict = field(default_factory=dict)  # the whole cell's; a source row shares it
 
 
 def run_bench(
@@ -135,9 +136,12 @@ def outputs(run: BenchRun) -> list[dict]:
     ]
 
 
-def summarise(run: BenchRun, max_depth: int, drafters: list[str] | None = None) -> dict:
+def summarise(
+    run: BenchRun, max_depth: int, drafters: list[str] | None = None, by_source: bool = True
+) -> dict:
     """One results row (variant columns are added by the caller). `drafters` names the
-    strategy's drafters in order, for routing shares."""
+    strategy's drafters in order, for routing shares; `by_source` adds a stream's per-source
+    rows (off for those rows themselves)."""
     gens = [t.gen for t in run.turns]
     new = sum(len(g.tokens) for g in gens)
     decode_time = sum(g.wall_time_s for g in gens)
@@ -173,7 +177,7 @@ def summarise(run: BenchRun, max_depth: int, drafters: list[str] | None = None) 
         row["routing_shares"] = shares
         row["route_trajectory"] = route_trajectory(run.turns)
     sources = list(dict.fromkeys(t.source for t in run.turns if t.source))
-    if sources:  # a mixed stream: the same summary per source (bench=stream)
+    if sources and by_source:  # a mixed stream: the same summary per source (bench=stream)
         row["by_source"] = {s: _source_row(run, s, max_depth, drafters) for s in sources}
     vanilla = [t.vanilla for t in run.turns if t.vanilla is not None]
     if vanilla:  # vanilla decoding ran turn by turn beside ours (eval.verify_lossless)
@@ -199,7 +203,8 @@ def summarise(run: BenchRun, max_depth: int, drafters: list[str] | None = None) 
 def _source_row(run: BenchRun, source: str, max_depth: int, drafters: list[str] | None) -> dict:
     """The summary of a stream's turns from one source (its trajectory stays the stream's)."""
     turns = [t for t in run.turns if t.source == source]
-    row = summarise(BenchRun(run.bench, run.temperature, turns), max_depth, drafters)
+    sub = BenchRun(run.bench, run.temperature, turns, peak_memory=run.peak_memory)
+    row = summarise(sub, max_depth, drafters, by_source=False)
     row.pop("route_trajectory", None)
     return row
 
