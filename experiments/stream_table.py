@@ -41,12 +41,17 @@ def oracle(rows: list[dict], math: str, chat: str) -> dict | None:
         per_q[q] = who["per_question"][q]
         secs[q] = (who.get("seconds_per_question") or {}).get(q)
     tokens, forwards = (sum(v[i] for v in per_q.values()) for i in (0, 1))
+    per_source: dict[str, list[int]] = {}
+    for q, (n, f) in per_q.items():
+        acc = per_source.setdefault(q.split("/")[0], [0, 0])
+        acc[0], acc[1] = acc[0] + n, acc[1] + f
     known = [s for s in secs.values() if s is not None]
     base = by[math]
     return {**base, "strategy": "oracle", "routing": "task oracle", "data": "oracle",
             "tau": tokens / forwards, "per_question": per_q, "tau_ci95": bootstrap_tau(list(per_q.values())),
             "tokens_per_s": tokens / sum(known) if len(known) == len(secs) else None,
-            "draft_forwards_per_cycle": None, "tree_tokens_per_cycle": base["tree_tokens_per_cycle"]}  # fmt: skip
+            "draft_forwards_per_cycle": None, "tree_tokens_per_cycle": base["tree_tokens_per_cycle"],
+            "source_tau": {k: n / f for k, (n, f) in per_source.items()}}  # fmt: skip
 
 
 def table(rows: list[dict], temp: float, math: str, chat: str) -> list[str]:
@@ -65,6 +70,8 @@ def table(rows: list[dict], temp: float, math: str, chat: str) -> list[str]:
         subs = [next((x for x in rows if x["bench"] == f"stream/{s}" and x["temperature"] == temp
                       and x["variant"] == r["variant"]), None) for s in sources]  # fmt: skip
         cells = ["-" if x is None else f"{x['tau']:.2f}" for x in subs]
+        if "source_tau" in r:  # the oracle: its own per-source figures, not its base row's
+            cells = [f"{r['source_tau'][s]:.2f}" if s in r["source_tau"] else "-" for s in sources]
         diff = ""
         if hedge is not None and r is not hedge:
             d, ci = mean_difference_ci([hedge], [r])
