@@ -87,9 +87,9 @@ def _question(
     record_nodes: bool,
 ) -> list[TurnRecord]:
     """Every turn of one question, each prompt holding the decoder's own earlier answers;
-    vanilla decoding beside it (its own history) when checking losslessness."""
+    vanilla decoding of the same prompt beside it when checking losslessness (from the same
+    history, so a divergence in turn 1 does not make turn 2 a comparison of two contexts)."""
     spec_hist: list[dict] = []
-    ref_hist: list[dict] = []
     out = []
     for k, turn in enumerate(q.turns):
         spec_hist.append({"role": "user", "content": turn})
@@ -102,11 +102,7 @@ def _question(
                          source=q.source)  # fmt: skip
         spec_hist.append({"role": "assistant", "content": rec.text})
         if verify_lossless and temperature <= 0:
-            ref_hist.append({"role": "user", "content": turn})
-            ref = vanilla_generate(
-                decoder.target, prompt_ids(tokenizer, ref_hist), max_new_tokens, decoder.eos_ids
-            )
-            ref_hist.append({"role": "assistant", "content": _text(tokenizer, ref.tokens)})
+            ref = vanilla_generate(decoder.target, ids, max_new_tokens, decoder.eos_ids)
             rec.lossless = compare(gen, ref, decoder.target.lm_head.weight.dtype, near_tie)
             rec.vanilla = (len(ref.tokens), ref.wall_time_s)
         out.append(rec)
