@@ -1,6 +1,6 @@
 """Online drafter selection on the mixed-task stream (experiment=stream): one table per
 temperature with tau, tokens/s, draft forwards and verified tokens per cycle for every
-strategy, the per-task oracle, and paired 95% intervals of each strategy against hedge.
+strategy, the per-task oracle, and paired 95% intervals of each strategy against hedge (or --ref).
 
     python experiments/stream_table.py outputs/multiruns/<stamp> [more dirs] [--out F.md]
         [--math mathinstruct] [--chat sharegpt]
@@ -21,13 +21,17 @@ from taps.paths import atomic_write_text
 from taps.report.rows import load_rows, tau_cell
 
 CHAT_SOURCES = ("mt_bench",)
+HEDGE_DEFAULTS = {"eta": 1.0, "discount": 1.0, "choose": "sample", "reset": "never"}
 
 
 def name(row: dict) -> str:
     if row["strategy"] == "single":
         return f"single({row['data']})"
     opts = row.get("options") or {}
-    return row["routing"] + ("" if row["strategy"] != "hedge" else f" eta={opts.get('eta')}")
+    if row["strategy"] != "hedge":
+        return row["routing"]
+    changed = {k: opts.get(k) for k, v in HEDGE_DEFAULTS.items() if opts.get(k, v) != v}
+    return "hedge" + "".join(f" {k}={v}" for k, v in changed.items())
 
 
 def oracle(rows: list[dict], math: str, chat: str) -> dict | None:
@@ -54,21 +58,21 @@ def oracle(rows: list[dict], math: str, chat: str) -> dict | None:
             "source_tau": {k: n / f for k, (n, f) in per_source.items()}}  # fmt: skip
 
 
-def table(rows: list[dict], temp: float, math: str, chat: str) -> list[str]:
+def table(rows: list[dict], temp: float, math: str, chat: str, ref: str = "hedge") -> list[str]:
     stream = [r for r in rows if r["bench"] == "stream" and r["temperature"] == temp]
     extra = oracle(stream, math, chat)
     stream += [extra] if extra else []
-    hedge = next((r for r in stream if r["strategy"] == "hedge"), None)
+    hedge = next((r for r in stream if name(r) == ref), None)
     sources = sorted(
         {r["bench"].split("/", 1)[1] for r in rows if r["bench"].startswith("stream/")}
     )
     lines = [f"### T={temp:g}: the mixed stream ({stream[0]['prompts']} prompts)", "",
              "| strategy | tau | " + " | ".join(f"tau {s}" for s in sources)
-             + " | tok/s | draft fwd/cycle | verified/cycle | hedge - this (paired 95%) |",
+             + f" | tok/s | draft fwd/cycle | verified/cycle | {ref} - this (paired 95%) |",
              "|---" * (6 + len(sources)) + "|"]  # fmt: skip
     for r in stream:
         subs = [next((x for x in rows if x["bench"] == f"stream/{s}" and x["temperature"] == temp
-                      and x["variant"] == r["variant"]), None) for s in sources]  # fmt: skip
+                      and name(x) == name(r)), None) for s in sources]  # fmt: skip
         cells = ["-" if x is None else f"{x['tau']:.2f}" for x in subs]
         if "source_tau" in r:  # the oracle: its own per-source figures, not its base row's
             cells = [f"{r['source_tau'][s]:.2f}" if s in r["source_tau"] else "-" for s in sources]
@@ -93,13 +97,14 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--math", default="mathinstruct")
     ap.add_argument("--chat", default="sharegpt")
+    ap.add_argument("--ref", default="hedge", help="the row the paired intervals compare with")
     args = ap.parse_args()
     rows = [r for r in load_rows(*args.dirs) if r["bench"].startswith("stream")]
     if not rows:
         raise SystemExit(f"no bench=stream rows below {args.dirs}")
     lines = []
     for temp in sorted({r["temperature"] for r in rows}):
-        lines += table(rows, temp, args.math, args.chat)
+        lines += table(rows, temp, args.math, args.chat, args.ref)
     text = "\n".join(lines)
     print(text)
     if args.out:
