@@ -135,9 +135,7 @@ def outputs(run: BenchRun) -> list[dict]:
 def summarise(
     run: BenchRun, max_depth: int, drafters: list[str] | None = None, by_source: bool = True
 ) -> dict:
-    """One results row (variant columns are added by the caller). `drafters` names the
-    strategy's drafters in order, for routing shares; `by_source` adds a stream's per-source
-    rows (off for those rows themselves)."""
+    """One results row; `drafters` (in order) for routing shares, `by_source` for a stream."""
     gens = [t.gen for t in run.turns]
     new = sum(len(g.tokens) for g in gens)
     decode_time = sum(g.wall_time_s for g in gens)
