@@ -32,3 +32,24 @@ def test_smollm2_target_and_template(smollm2):
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id in smollm2.eos_ids
     ids = prompt_ids(tok, [{"role": "user", "content": "Hi"}])
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_exported_target_is_a_plain_hf_directory(smollm2, tmp_path):
+    """`taps.export what=target`: transformers loads it by its architecture and computes our
+    logits (vLLM and SGLang pick their model class by the same field; make check-serving)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from taps.export import main
+
+    out = main(["what=target", f"out={tmp_path / 'smollm2'}"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids(smollm2.tokenizer, [{"role": "user", "content": "2+2?"}])])
+    with torch.no_grad():
+        want = smollm2.model.logits(smollm2.model(ids)[0])
+        got = hf(ids).logits[0]
+    assert torch.allclose(got, want, atol=1e-3)
