@@ -31,13 +31,18 @@ TINY = [
 ]
 
 
-def cfg_with(overrides: list[str], tmp_path: Path):
+def cfg_with(overrides: list[str], tmp_path: Path, own_drafters: bool = False):
+    """The composed config writing to tmp_path; `own_drafters`: a private drafter cache (the
+    shared converted target kept), so the run trains its drafters itself."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         if "dir" in cfg.logger:
             cfg.logger.dir = str(tmp_path)
+        if own_drafters:
+            cfg.target.cache_dir = cfg.paths.cache_dir
+            cfg.paths.cache_dir = str(tmp_path / "cache")
     return cfg
 
 
@@ -63,10 +68,8 @@ def test_tiny_run_writes_agreeing_results(tmp_path):
         [*TINY, "logger=wandb", "eval.verify_lossless=true", "temperature=[0,1]",
          "data.holdout=0.2", "trainer.log_every_n_steps=1"],
         tmp_path,
+        own_drafters=True,
     )  # fmt: skip
-    with open_dict(cfg):  # a private drafter cache, so this run trains and logs curves
-        cfg.target.cache_dir = cfg.paths.cache_dir
-        cfg.paths.cache_dir = str(tmp_path / "cache")
     out = run(cfg, tmp_path)
     doc = json.loads((tmp_path / "results.json").read_text())
     rows = doc["rows"]
@@ -185,10 +188,8 @@ def test_tiny_confidence_run_reports_routing(tmp_path):
         [*TINY, "routing=confidence", TINY_DRAFTERS, "logger=none", "tree=eagle2",
          "eval.verify_lossless=true", "bench.benchmarks=[gsm8k,mt_bench]"],
         tmp_path,
+        own_drafters=True,
     )  # fmt: skip
-    with open_dict(cfg):
-        cfg.target.cache_dir = cfg.paths.cache_dir
-        cfg.paths.cache_dir = str(tmp_path / "cache")
     out = run(cfg, tmp_path)
     doc = json.loads((tmp_path / "results.json").read_text())
     assert set(doc["drafters"]) == {"m", "s"} and doc["drafter"] is None
@@ -275,10 +276,8 @@ def test_a_drafter_on_the_users_jsonl_composes_with_confidence_routing(tmp_path)
                   " {source: mathinstruct, examples: 12}]")  # fmt: skip
     cfg = cfg_with(["target=tiny_random", components, "data.max_len=128", "trainer.max_epochs=1",
                     "bench.limit=1", "max_new_tokens=8", "routing=confidence", "logger=none",
-                    "bench.benchmarks=[gsm8k]", "eval.verify_lossless=true"], tmp_path)  # fmt: skip
-    with open_dict(cfg):
-        cfg.target.cache_dir = cfg.paths.cache_dir
-        cfg.paths.cache_dir = str(tmp_path / "cache")
+                    "bench.benchmarks=[gsm8k]", "eval.verify_lossless=true"], tmp_path,
+                   own_drafters=True)  # fmt: skip
     (row,) = run(cfg, tmp_path)["rows"]
     assert row["drafters"] == ["jsonl-mine", "mathinstruct"] and row["strategy"] == "confidence"
     assert set(row["routing_shares"]["cycles"]) == {"jsonl-mine", "mathinstruct"}
@@ -294,10 +293,8 @@ def test_tiny_hedge_run_on_the_stream_reports_per_source_and_weights(tmp_path):
         [*TINY, "routing=hedge", TINY_DRAFTERS, "logger=none", "bench=stream", "bench.limit=1",
          "eval.verify_lossless=true", "bench.stream.mix.math500=0", "bench.stream.mix.svamp=0"],
         tmp_path,
+        own_drafters=True,
     )  # fmt: skip
-    with open_dict(cfg):
-        cfg.target.cache_dir = cfg.paths.cache_dir
-        cfg.paths.cache_dir = str(tmp_path / "cache")
     out = run(cfg, tmp_path)
     rows = {r["bench"]: r for r in out["rows"]}
     assert set(rows) == {"stream", "stream/gsm8k", "stream/mt_bench"}
