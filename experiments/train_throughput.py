@@ -66,7 +66,7 @@ def measure(
             opt.step()
             opt.zero_grad()
             tokens += batch["tokens"].numel()
-            if i % TRIM_EVERY == 0:  # as training's TrimMemory callback does
+            if i % TRIM_EVERY == 0:  # training itself trims only once, after fitting
                 release_memory()
     return tokens / (time.perf_counter() - t0), mem.peak_mb
 
