@@ -12,6 +12,7 @@ from taps.models.eagle3_head import Eagle3Head, default_aux_layers
 from taps.models.heads import build_head, load_head, save_head
 from taps.training.eagle3 import draft_targets, eagle3_loss, ttt_forward
 from taps.training.hass import alignment_mask
+from taps.training.losses import supervised
 from taps.training.objectives import Eagle3Objective
 from tests.helpers import AUX
 from tests.test_engine_greedy import prompts
@@ -54,8 +55,9 @@ def test_step_one_is_plain_single_step_training(tiny64):
     aux, tokens, f_next, mask = batch(tiny64)
     loss, m = eagle3_loss(head, aux, tokens, f_next, mask, steps=1, decay=0.8)
     g = head(head.fuse(aux), tokens)  # one causal forward, no unrolling
-    p, keep = draft_targets(head, f_next, mask)
-    ce = -(p * torch.log_softmax(head.logits(g[mask.bool()]), -1)).sum(-1)
+    rows = supervised(mask)
+    p, keep = draft_targets(head, f_next, rows)
+    ce = -(p * torch.log_softmax(head.logits(rows.of(g)), -1)).sum(-1)
     assert torch.allclose(loss, (ce * keep).sum() / mask.sum(), atol=1e-12)
     assert set(m) >= {"step1/token_loss", "step1/top1", "token_loss", "top1", "loss"}
 
@@ -76,9 +78,12 @@ def test_steps_are_weighted_by_decay_and_padding_is_invisible(tiny64):
 def test_positions_outside_the_draft_vocabulary_are_masked(tiny64):
     head = eagle3(tiny64)
     _, _, f_next, mask = batch(tiny64)
-    _, keep = draft_targets(head, f_next, mask)
+    rows = supervised(mask)
+    _, keep = draft_targets(head, f_next, rows)
     full = (f_next[mask.bool()] @ head.lm_head_full.T).argmax(-1)
-    assert keep.tolist() == [bool((head.d2t == t).any()) for t in full.tolist()]
+    real = int(mask.sum())
+    assert keep[:real].tolist() == [bool((head.d2t == t).any()) for t in full.tolist()]
+    assert not keep[real:].any()  # padding rows never count
     assert 0 < int(keep.sum()) < len(keep)  # both kinds occur in this batch
 
 

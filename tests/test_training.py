@@ -8,9 +8,9 @@ from omegaconf import open_dict
 
 import taps.training.train as train_mod
 from taps.config import CONF_DIR
-from taps.training.datamodule import PairDataset, collate
+from taps.training.datamodule import SEQ_BUCKET, PairDataset, collate
 from taps.training.features import FeatureSet
-from taps.training.losses import LossWeights, eagle_loss
+from taps.training.losses import ROW_BUCKET, LossWeights, eagle_loss, supervised
 
 
 def test_pairs_shift_tokens_targets_and_mask_together():
@@ -28,7 +28,21 @@ def test_pairs_shift_tokens_targets_and_mask_together():
     batch = collate(
         [ex, PairDataset(FeatureSet(ids[:3], f[:3], mask[:3], torch.tensor([0, 3]), {}))[0]]
     )
-    assert batch["tokens"].shape == (2, 4) and batch["mask"][1].tolist() == [0, 1, 0, 0]
+    # lengths round up to SEQ_BUCKET so batch shapes repeat; padding is never supervised
+    assert batch["tokens"].shape == (2, SEQ_BUCKET)
+    assert batch["mask"][1, :4].tolist() == [0, 1, 0, 0] and batch["mask"][:, 4:].sum() == 0
+
+
+def test_supervised_rows_come_in_buckets_with_padding_weighted_zero():
+    mask = torch.zeros(3, 200, dtype=torch.uint8)
+    mask[0, 5:60] = 1
+    mask[2, 10:100] = 1
+    rows = supervised(mask)
+    assert len(rows.index) == 2 * ROW_BUCKET and int(rows.count) == 145
+    assert rows.weight.sum() == 145 and not rows.weight[145:].any()
+    real = rows.index[:145]
+    assert torch.equal(real, mask.reshape(-1).nonzero().squeeze(-1))  # in order, real first
+    assert int(supervised(torch.zeros(2, 5)).count) == 1  # a normaliser, never 0
 
 
 def test_eagle_loss_terms():

@@ -32,9 +32,14 @@ class PairDataset(Dataset):
         return {"f_in": f_in[:-1], "tokens": ids[1:], "f_next": f[1:], "mask": m[1:]}
 
 
+SEQ_BUCKET = 32
+
+
 def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding has mask 0 and sits after real positions."""
-    n = max(len(b["tokens"]) for b in batch)
+    """Right-pad to the longest example, rounded up to a multiple of SEQ_BUCKET; padding has
+    mask 0 and sits after real positions. Rounding bounds the batch shapes the matmuls see:
+    oneDNN keeps a kernel per shape, and a new length every batch grew memory every step."""
+    n = -(-max(len(b["tokens"]) for b in batch) // SEQ_BUCKET) * SEQ_BUCKET
     w, h = batch[0]["f_in"].shape[-1], batch[0]["f_next"].shape[-1]
     out = {
         "f_in": torch.zeros(len(batch), n, w, dtype=batch[0]["f_in"].dtype),

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from taps.models.eagle3_head import Eagle3Head
 from taps.training.hass import alignment_mask
+from taps.training.losses import Rows, supervised
 
 
 def ttt_forward(head: Eagle3Head, hidden0: Tensor, tokens: Tensor, steps: int) -> list[Tensor]:
@@ -56,20 +57,22 @@ def _wide(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def draft_targets(head: Eagle3Head, f_next: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(p [M, V_draft], keep [M]) at the supervised positions: the target's distribution over
-    the draft vocabulary (renormalised), and whether its full-vocabulary argmax is drafted."""
+def draft_targets(head: Eagle3Head, f_next: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+    """(p [R, V_draft], keep [R]) at the rows (`supervised(mask)`): the target's distribution
+    over the draft vocabulary (renormalised), and whether the row is real and its
+    full-vocabulary argmax is drafted."""
     with torch.no_grad():
-        f = f_next[mask.bool()].to(head.target_head_weight.dtype)
+        f = rows.of(f_next).to(head.target_head_weight.dtype)
         p = torch.softmax(_wide(f @ head.target_head_weight.T), dim=-1)
+        real = rows.weight > 0
         if head.d2t is None:
-            return p, torch.ones(len(f), dtype=torch.bool, device=f.device)
+            return p, real
         in_vocab = torch.zeros(head.lm_head_full.shape[0], dtype=torch.bool, device=f.device)
         in_vocab[head.d2t] = True
         # The full-vocabulary argmax in chunks: [M, 49k] logits at once is the step's largest
         # tensor (hundreds of MB for a batch of long sequences), and only its argmax is needed.
         top = torch.cat([(c @ head.lm_head_full.T).argmax(-1) for c in f.split(256)])
-        return p, in_vocab[top]
+        return p, in_vocab[top] & real
 
 
 def eagle3_loss(
@@ -83,14 +86,14 @@ def eagle3_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """sum_k decay^k * CE_k over TTT steps; metrics per step (token loss, top-1 agreement with
     the target's full-vocabulary argmax, out-of-vocabulary positions counting as misses)."""
-    sel = mask.bool()
-    count = sel.sum().clamp(min=1)
-    p, keep = draft_targets(head, f_next, mask)
+    rows = supervised(mask)
+    count = rows.count
+    p, keep = draft_targets(head, f_next, rows)
     want = p.argmax(-1)
     total = torch.zeros((), device=aux.device)
     metrics: dict[str, Tensor] = {}
     for k, g in enumerate(ttt_forward(head, head.fuse(aux), tokens, steps)):
-        logq = torch.log_softmax(_wide(head.logits(g[sel])), dim=-1)
+        logq = torch.log_softmax(_wide(head.logits(rows.of(g))), dim=-1)
         ce = -(p * logq).sum(-1)
         loss = (ce * keep).sum() / count
         total = total + decay**k * loss

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from taps.models.draft_head import DraftHead
-from taps.training.losses import LossWeights, eagle_loss, target_probs_at
+from taps.training.losses import LossWeights, eagle_loss, supervised, target_probs_at
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def hass_loss(
     """Sum over alignment steps of (EAGLE-2 loss + topk_weight * top-K distillation)."""
     total = torch.zeros((), device=f_in.device)
     metrics: dict[str, Tensor] = {}
-    p = target_probs_at(f_next.to(f_in.dtype), mask, head.lm_head_weight)
+    p = target_probs_at(f_next.to(f_in.dtype), supervised(mask), head.lm_head_weight)
     for k, g in enumerate(hass_forward(head, f_in, tokens, cfg.steps)):
         loss, m = eagle_loss(
             g, f_next, mask, head.lm_head_weight, weights, p, cfg.topk, cfg.topk_weight

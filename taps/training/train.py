@@ -58,6 +58,9 @@ _COSMETIC = {
     "val_check_interval",  # validation draws no random numbers: it cannot change the weights
     "check_val_every_n_epoch",
 }
+# Bump when training's numerics change without a setting changing (batch shapes, losses): it
+# is part of every drafter's key. v2: sequence lengths and supervised rows padded to buckets.
+TRAINING_VERSION = "training-v2"
 # Drafter settings that change what is measured during training, not the weights.
 _DRAFTER_COSMETIC = {"val_depth"}
 # Config key -> cache entry: a sweep resolves each drafter (data selection, hashing) once per
@@ -273,8 +276,8 @@ def _resolve(
     # Online features round like cached ones, but the matmuls see other batch shapes.
     mode = features_mode(data, split, target.model.config.hidden_size, aux)
     online = ["features", "online"] if mode == "online" else []
-    key = content_key(version, FEATURES_VERSION, tkey, vkey, drafter_cfg, trainer_cfg, seed,
-                      *online)  # fmt: skip
+    key = content_key(version, TRAINING_VERSION, FEATURES_VERSION, tkey, vkey, drafter_cfg,
+                      trainer_cfg, seed, *online)  # fmt: skip
     out = Path(cache_dir) / "drafters" / f"{drafter.name}-{data.name}-{key}"
     return _Job(target, drafter, data, trainer, objective, stage2, split, store, compute, key,
                 out, cache_dir, seed, mode)  # fmt: skip
