@@ -76,10 +76,11 @@ def hass_loss(
     """Sum over alignment steps of (EAGLE-2 loss + topk_weight * top-K distillation)."""
     total = torch.zeros((), device=f_in.device)
     metrics: dict[str, Tensor] = {}
-    p = target_probs_at(f_next.to(f_in.dtype), supervised(mask), head.lm_head_weight)
+    rows = supervised(mask)  # the same rows and targets at every step: computed once
+    p = target_probs_at(f_next.to(f_in.dtype), rows, head.lm_head_weight)
     for k, g in enumerate(hass_forward(head, f_in, tokens, cfg.steps)):
         loss, m = eagle_loss(
-            g, f_next, mask, head.lm_head_weight, weights, p, cfg.topk, cfg.topk_weight
+            g, f_next, mask, head.lm_head_weight, weights, p, cfg.topk, cfg.topk_weight, rows
         )
         total = total + loss
         metrics.update({f"step{k + 1}/{name}": v for name, v in m.items()})

@@ -64,17 +64,18 @@ def eagle_loss(
     p: Tensor | None = None,
     topk: int = 0,
     topk_weight: float = 0.0,
+    rows: Rows | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """g, f_next [B, n, h]; mask [B, n] (1 where f_next is supervised); lm_head [V, h].
 
     feature loss: SmoothL1(g, f_next) averaged over h; token loss: soft cross-entropy
     -sum_v p(v) log q(v) with p = softmax(W f_next), q = softmax(W g). Both are normalised by
-    the number of supervised positions. `p` may be passed precomputed (`target_probs_at` at
-    `supervised(mask)`).
+    the number of supervised positions. `rows` (`supervised(mask)`) and `p` at them
+    (`target_probs_at`) may be passed precomputed, as HASS's steps share both.
     With topk_weight > 0, HASS's distillation -sum_{v in TopK(p)} p(v) log q(v) (p not
     renormalised) is added, reusing the same q.
     """
-    rows = supervised(mask)
+    rows = supervised(mask) if rows is None else rows
     count, w8 = rows.count, rows.weight
     gs, fs = rows.of(g), rows.of(f_next).to(g.dtype)
     feat = (F.smooth_l1_loss(gs, fs, reduction="none").mean(-1) * w8).sum() / count
