@@ -21,7 +21,9 @@ from taps.paths import atomic_write_text
 from taps.report.rows import load_rows, tau_cell
 
 CHAT_SOURCES = ("mt_bench",)
-HEDGE_DEFAULTS = {"eta": 1.0, "discount": 1.0, "choose": "sample", "reset": "never"}
+HEDGE_DEFAULTS = {
+    "eta": 1.0, "discount": 1.0, "choose": "sample", "reset": "never", "feedback_every": 1
+}  # fmt: skip
 
 
 def name(row: dict) -> str:

@@ -3,11 +3,13 @@ routers learn and forget, losslessness (greedy and sampling), and bench=stream."
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from taps.combine import build_proposer
-from taps.combine.online import counterfactual_score
+from taps.combine.online import counterfactual_score, counterfactual_scores
 from taps.data.benchmarks import BenchPrompt, load_stream
 from taps.data.conversations import DataError
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
@@ -64,6 +66,12 @@ def test_counterfactual_scores_greedy_prefix_and_expected_length():
     d = fake_drafter(q)
     got = counterfactual_score(d, torch.tensor([1, 1, 0]), greedy=False)
     assert got == pytest.approx(0.5 + 0.5 * 0.8 + 0.5 * 0.8 * 1.0)
+    # Several cycles caught up at once: each cycle's prefix is scored on its own rows.
+    d = fake_drafter(picks)
+    assert counterfactual_scores(d, [verified[:1], verified[1:3], verified[3:]], True) == [1, 1, 1]
+    d = fake_drafter(q)
+    got = counterfactual_scores(d, [torch.tensor([1]), torch.tensor([1, 0])], greedy=False)
+    assert got == pytest.approx([0.5, 0.8 + 0.8 * 1.0])
 
 
 @pytest.mark.parametrize(
@@ -71,6 +79,7 @@ def test_counterfactual_scores_greedy_prefix_and_expected_length():
     [
         ("hedge", {}),
         ("hedge", {"choose": "argmax", "discount": 0.9, "reset": "prompt"}),
+        ("hedge", {"discount": 0.9, "feedback_every": 3}),
         ("bandit", {}),
         ("bandit", {"algorithm": "exp3", "exploration": 0.3}),
     ],
@@ -84,10 +93,39 @@ def test_online_routers_are_greedy_lossless(tiny64, trained3, routing, options):
         out = dec.generate(p, 32)
         assert out.tokens == vanilla_generate(tiny64.model, p, 32, tiny64.eos_ids).tokens
         chosen |= {c.drafter for c in out.cycles}
-        # One tree drafted, plus one catch-up forward of the other drafter.
-        assert all(c.draft_forwards == (1 + SPEC.depth) + 1 for c in out.cycles)
-        assert len({d.cache.length for d in proposer.drafters}) == 1  # all kept in step
+        forwards = [c.draft_forwards for c in out.cycles]
+        if options.get("feedback_every", 1 if routing == "hedge" else None) == 1:
+            # One tree drafted, plus one catch-up forward of the other drafter every cycle.
+            assert forwards == [SPEC.depth + 2] * len(out.cycles)
+        else:  # the other drafter catches up every 3 cycles (hedge) or when chosen (bandit)
+            # (a prompt's first tree also bills the last prompt's leftover catch-ups)
+            assert forwards[0] >= SPEC.depth + 2 and min(forwards) == SPEC.depth + 1
+            assert sum(forwards) < (SPEC.depth + 2) * len(forwards)
+        if routing == "hedge":
+            proposer.feedback()
+            assert len({d.cache.length for d in proposer.drafters}) == 1  # all in step
     assert chosen == {0, 1} or routing == "hedge"  # bandits try every drafter
+
+
+def test_deferred_catch_up_learns_what_every_cycle_catch_up_does(tiny64, trained3):
+    """With the same drafters chosen, hedge scoring every 4 cycles (one catch-up forward over
+    them) ends with the weights of hedge scoring every cycle."""
+    routers = []
+    for every in (1, 4):
+        router = build_proposer(
+            "hedge", pair(tiny64, trained3), SPEC, discount=0.9, feedback_every=every
+        )
+        schedule = itertools.cycle([0, 0, 1, 0, 1, 1, 1])
+        router.choose = lambda s=schedule: (next(s), [0.5, 0.5])
+        router.new_session()
+        dec = SpeculativeDecoder(tiny64.model, router, tiny64.eos_ids)
+        outs = [dec.generate(p, 40).tokens for p in trained_prompts(tiny64, 3)]
+        router.feedback()
+        routers.append((router, outs))
+    (eager, a), (deferred, b) = routers
+    assert a == b
+    assert eager.scores.sum() > 0
+    torch.testing.assert_close(deferred.scores, eager.scores, rtol=1e-9, atol=1e-9)
 
 
 def test_hedge_learns_the_better_drafter_and_forgets_per_session(tiny64, trained3):
@@ -115,6 +153,12 @@ def test_bandit_ucb_tries_each_then_exploits(tiny64, trained3):
     out = SpeculativeDecoder(tiny64.model, router, set()).generate(trained_prompts(tiny64)[0], 48)
     assert [c.drafter for c in out.cycles[:2]] == [0, 1]  # untried first, in order
     assert router.pulls[0] > router.pulls[1]  # then mostly the better one
+    # A drafter catches up only when chosen: it still misses every cycle since it drafted
+    # (the last cycle is never committed: decoding ends there).
+    last = len(out.cycles) - 1
+    for i in (0, 1):
+        drafted = max(c for c, s in enumerate(out.cycles) if s.drafter == i)
+        assert len(router.pending[i]) == last - drafted
 
 
 def test_router_options_are_checked(tiny64, trained3):

@@ -1,7 +1,7 @@
 """The bandit baseline of online routing: one drafter drafts per cycle and the router learns
 only from that drafter's own accepted length (bandit feedback), where Hedge scores every
 drafter (taps/combine/hedge.py). Rewards are accepted draft tokens over the most a tree can
-accept (depth + 1), so they lie in [0, 1].
+accept (depth + 1), so they lie in [0, 1]. A drafter catches up only when it is chosen.
 
 - `ucb` (UCB1): the drafter with the best mean reward plus c * sqrt(2 ln t / n_d); untried first.
 - `exp3`: sample from (1 - gamma) w / sum(w) + gamma / K; importance-weighted updates."""
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 
 from taps.combine.group import heads_to_drafters
 from taps.combine.online import OnlineRouter
@@ -59,7 +58,7 @@ class BanditRouter(OnlineRouter):
         bonus = [self.exploration * math.sqrt(2 * math.log(t) / n) for n in self.pulls]
         return max(range(k), key=lambda i: means[i] + bonus[i]), means
 
-    def learn(self, verified: Tensor, accepted: int) -> None:
+    def observe(self, accepted: int) -> None:
         spec = self.depths[self.chosen]
         most = spec.depth + 1 if spec is not None else max(accepted, 1)
         reward = min(accepted / most, 1.0)

@@ -5,7 +5,8 @@ verified tokens (full information: the catch-up forward every drafter runs yield
 weights = softmax(eta * S), S_d the (optionally discounted) sum of drafter d's scores;
 `choose="sample"` draws the drafter from the weights (Hedge proper), `"argmax"` takes the
 heaviest (follow the leader). `discount` < 1 forgets old cycles (S <- discount S + score), so
-the router follows a workload whose task changes; 1 is plain Hedge."""
+the router follows a workload whose task changes; 1 is plain Hedge. `feedback_every` m: the
+drafters that did not draft catch up, and the weights learn, every m cycles (OnlineRouter)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from taps.combine.group import heads_to_drafters
-from taps.combine.online import OnlineRouter, counterfactual_score
+from taps.combine.online import OnlineRouter
 from taps.engine.decoder import Proposer
 from taps.engine.drafting import TreeSpec
 from taps.models.heads import AnyHead
@@ -30,6 +31,7 @@ class HedgeRouter(OnlineRouter):
         choose: str = "sample",
         reset: str = "never",
         seed: int = 0,
+        feedback_every: int = 1,
     ) -> None:
         if eta <= 0 or not 0 < discount <= 1 or choose not in CHOICES:
             raise ValueError(
@@ -37,7 +39,7 @@ class HedgeRouter(OnlineRouter):
                 f"choose in {CHOICES} (got {choose!r})"
             )
         self.eta, self.discount, self.mode = eta, discount, choose
-        super().__init__(drafters, reset, seed)
+        super().__init__(drafters, reset, seed, feedback_every)
 
     def forget(self) -> None:
         self.scores = torch.zeros(len(self.drafters), dtype=torch.float64)
@@ -53,9 +55,9 @@ class HedgeRouter(OnlineRouter):
             i = int(torch.multinomial(w, 1, generator=self.rng))
         return i, w.tolist()
 
-    def learn(self, verified: Tensor, accepted: int) -> None:
-        got = [counterfactual_score(d, verified, self.greedy) for d in self.drafters]
-        self.scores = self.discount * self.scores + torch.tensor(got, dtype=torch.float64)
+    def learn(self, scores: Tensor) -> None:
+        for row in scores:  # in cycle order: the discount forgets the older ones
+            self.scores = self.discount * self.scores + row
 
 
 def build(
@@ -66,6 +68,7 @@ def build(
     choose: str = "sample",
     reset: str = "never",
     seed: int = 0,
+    feedback_every: int = 1,
 ) -> HedgeRouter:
     drafters = heads_to_drafters(heads, [spec] * len(heads))
-    return HedgeRouter(drafters, eta, discount, choose, reset, seed)
+    return HedgeRouter(drafters, eta, discount, choose, reset, seed, feedback_every)

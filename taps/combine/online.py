@@ -1,15 +1,23 @@
-"""What online routers (hedge, bandit) share: one drafter drafts per cycle, every drafter catches
+"""What online routers (hedge, bandit) share: one drafter drafts per cycle, the drafters catch
 up on the verified tokens, and the router learns from how well drafters would have done.
 
 The router's state lives for a session: a benchmark cell (`new_session`, called by the
 evaluation before its first prompt), as in a server that sees one prompt after another; with
 `reset="prompt"` it restarts at every prompt instead.
 
-Counterfactual scores (ALGORITHMS.md section 10) come from the catch-up forward every drafter
-runs anyway: `HeadDrafter.predictions` are its outputs predicting each verified token.
-- greedy (T = 0): the length of the drafter's top-1 agreement prefix with the verified tokens;
+Catch-up is deferred: a drafter commits the cycles it missed in one forward when it is chosen
+to draft, or, for full-information routers, every `feedback_every` cycles, when every drafter
+catches up and is scored on the cycles since (1 = every cycle). A head's forward over several
+cycles' pairs equals its forwards cycle by cycle (causal attention), so scores are the same,
+only later; on a CPU one forward over 12 pairs costs about what one over 3 does. Bandits
+(`feedback_every=None`) never need the drafters they did not choose.
+
+Counterfactual scores (ALGORITHMS.md section 10) come from that catch-up forward:
+`HeadDrafter.predictions` are its outputs predicting each caught-up token.
+- greedy (T = 0): the length of the drafter's top-1 agreement prefix with a cycle's verified
+  tokens;
 - sampling (T > 0): its expected accepted length sum_k prod_{i<=k} q(x_i) under its own
-  proposal q (the draft softmax), x the verified tokens.
+  proposal q (the draft softmax), x the cycle's verified tokens.
 """
 
 from __future__ import annotations
@@ -26,17 +34,26 @@ from taps.models.llama import TargetStates
 RESETS = ("never", "prompt")
 
 
-def counterfactual_score(drafter: HeadDrafter, verified: Tensor, greedy: bool) -> float:
-    """How many of the verified tokens `drafter` would have had accepted (see module doc)."""
+def counterfactual_scores(drafter: HeadDrafter, cycles: list[Tensor], greedy: bool) -> list[float]:
+    """Per cycle, how many of its verified tokens `drafter` would have had accepted; the
+    drafter's last predictions are for these cycles' tokens, in order (see module doc)."""
+    verified = torch.cat(cycles)
     rows = drafter.predictions[-len(verified) :]
     logits = drafter.head.logits(rows).float()
+    verified = verified.to(rows.device)
     if greedy:
-        hit = (drafter.head.to_target(logits.argmax(-1)) == verified.to(rows.device)).long()
-        return float(hit.cumprod(0).sum())
-    q = torch.softmax(logits, -1)
-    index = _draft_index(drafter, verified.to(rows.device))
-    p = torch.where(index >= 0, q.gather(-1, index.clamp(min=0)[:, None])[:, 0], 0.0)
-    return float(p.double().cumprod(0).sum())
+        p = (drafter.head.to_target(logits.argmax(-1)) == verified).double()
+    else:
+        q = torch.softmax(logits, -1)
+        index = _draft_index(drafter, verified)
+        p = torch.where(index >= 0, q.gather(-1, index.clamp(min=0)[:, None])[:, 0], 0.0).double()
+    parts = p.split([len(c) for c in cycles])
+    return torch.stack([part.cumprod(0).sum() for part in parts]).tolist()
+
+
+def counterfactual_score(drafter: HeadDrafter, verified: Tensor, greedy: bool) -> float:
+    """`counterfactual_scores` of one cycle."""
+    return counterfactual_scores(drafter, [verified], greedy)[0]
 
 
 def _draft_index(drafter: HeadDrafter, tokens: Tensor) -> Tensor:
@@ -53,19 +70,29 @@ def _draft_index(drafter: HeadDrafter, tokens: Tensor) -> Tensor:
 
 
 class OnlineRouter(DrafterGroup):
-    """One drafter's tree per cycle, chosen by `choose`; `learn` sees the cycle's outcome."""
+    """One drafter's tree per cycle, chosen by `choose`; `observe` sees the chosen drafter's
+    accepted length each cycle, `learn` every drafter's scores every `feedback_every` cycles."""
 
-    def __init__(self, drafters: list[Proposer], reset: str = "never", seed: int = 0) -> None:
+    def __init__(
+        self,
+        drafters: list[Proposer],
+        reset: str = "never",
+        seed: int = 0,
+        feedback_every: int | None = None,
+    ) -> None:
         super().__init__(drafters)
         if reset not in RESETS:
             raise ValueError(f"routing.reset={reset!r}: expected one of {RESETS}")
-        self.reset, self.seed = reset, seed
+        if feedback_every is not None and feedback_every < 1:
+            raise ValueError(f"routing.feedback_every={feedback_every}: need >= 1")
+        self.reset, self.seed, self.feedback_every = reset, seed, feedback_every
         self.greedy = True
         self.chosen = 0
         self.new_session()
 
     def new_session(self) -> None:
         self.rng = torch.Generator().manual_seed(self.seed)
+        self._drop_pending()
         self.forget()
 
     def forget(self) -> None:
@@ -75,27 +102,69 @@ class OnlineRouter(DrafterGroup):
         """(drafter to draft, every drafter's routing weight now)."""
         raise NotImplementedError
 
-    def learn(self, verified: Tensor, accepted: int) -> None:
-        """The cycle's outcome: the verified tokens (accepted + bonus), the chosen's accepted."""
-        raise NotImplementedError
+    def observe(self, accepted: int) -> None:
+        """Bandit feedback: the chosen drafter accepted `accepted` draft tokens this cycle."""
+
+    def learn(self, scores: Tensor) -> None:
+        """Full information: scores [cycles, drafters] of the cycles since the last call."""
 
     def set_temperature(self, temperature: float) -> None:
         self.greedy = temperature <= 0
 
+    def _drop_pending(self) -> None:
+        k = len(self.drafters)
+        self.pending: list[list[tuple[TargetStates, Tensor]]] = [[] for _ in range(k)]
+        self.scored: list[list[float]] = [[] for _ in range(k)]  # per drafter, per cycle
+        self.cycles = 0
+        self.forwards = 0  # catch-up forwards since the last tree, billed to the next one
+
     def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
+        if self.reset == "never" and self.feedback_every:
+            self.feedback()  # the last prompt's remaining cycles, before the caches restart
         if self.reset == "prompt":
             self.forget()
+        carried = self.forwards
+        self._drop_pending()
         super().start(states, next_tokens, max_len)
+        self.forwards = carried + len(self.drafters)  # and every drafter's prefill
 
     def propose(self) -> DraftTree:
         self.chosen, weights = self.choose()
+        self._catch_up(self.chosen)
         tree = self.drafters[self.chosen].propose()
         tree.drafter = self.chosen
-        # The chosen tree's forwards, plus one catch-up forward of every other drafter.
-        tree.draft_forwards += len(self.drafters) - 1
+        # Its own drafting rounds (the tree counts one catch-up too) plus the catch-ups run.
+        tree.draft_forwards += self.forwards - 1
+        self.forwards = 0
         tree.route_scores = weights
         return tree
 
     def commit(self, states: TargetStates, next_tokens: Tensor) -> None:
-        super().commit(states, next_tokens)
-        self.learn(next_tokens, len(next_tokens) - 1)
+        for p in self.pending:
+            p.append((states, next_tokens))
+        self.observe(len(next_tokens) - 1)
+        self.cycles += 1
+        if self.feedback_every and self.cycles % self.feedback_every == 0:
+            self.feedback()
+
+    def feedback(self) -> None:
+        """Catch every drafter up and `learn` from the cycles all of them have been scored on."""
+        for i in range(len(self.drafters)):
+            self._catch_up(i)
+        n = min(len(s) for s in self.scored)
+        if n:
+            self.learn(torch.tensor([s[:n] for s in self.scored], dtype=torch.float64).T)
+            self.scored = [s[n:] for s in self.scored]
+
+    def _catch_up(self, i: int) -> None:
+        """Commit drafter i's missed cycles in one forward (scored when feedback is on)."""
+        pending, self.pending[i] = self.pending[i], []
+        if not pending:
+            return
+        states = TargetStates.cat([s for s, _ in pending])
+        self.drafters[i].commit(states, torch.cat([t for _, t in pending]))
+        self.forwards += 1
+        if self.feedback_every:
+            self.scored[i] += counterfactual_scores(
+                self.drafters[i], [t for _, t in pending], self.greedy
+            )

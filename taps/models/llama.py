@@ -248,6 +248,14 @@ class TargetStates:
     def __getitem__(self, index: object) -> TargetStates:
         return TargetStates(self.final[index], {i: t[index] for i, t in self.layers.items()})
 
+    @staticmethod
+    def cat(parts: list[TargetStates]) -> TargetStates:
+        """The positions of several parts, in order (a drafter catching up on several cycles)."""
+        if len(parts) == 1:
+            return parts[0]
+        layers = {i: torch.cat([p.layers[i] for p in parts]) for i in parts[0].layers}
+        return TargetStates(torch.cat([p.final for p in parts]), layers)
+
 
 class Llama(nn.Module):
     """Decoder-only Llama; `forward` returns final-normed hidden states (the features f)."""
