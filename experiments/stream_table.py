@@ -56,8 +56,15 @@ def oracle(rows: list[dict], math: str, chat: str) -> dict | None:
     return {**base, "strategy": "oracle", "routing": "task oracle", "data": "oracle",
             "tau": tokens / forwards, "per_question": per_q, "tau_ci95": bootstrap_tau(list(per_q.values())),
             "tokens_per_s": tokens / sum(known) if len(known) == len(secs) else None,
-            "draft_forwards_per_cycle": None, "tree_tokens_per_cycle": base["tree_tokens_per_cycle"],
+            "draft_forwards_per_cycle": None, "phase_ms_per_cycle": None, "tree_tokens_per_cycle": base["tree_tokens_per_cycle"],
             "source_tau": {k: n / f for k, (n, f) in per_source.items()}}  # fmt: skip
+
+
+def _phases(row: dict) -> str:
+    ms = row.get("phase_ms_per_cycle")
+    if not ms:
+        return "-"
+    return f"{ms.get('draft', 0) + ms.get('commit', 0):.0f}, {ms.get('verify', 0):.0f}"
 
 
 def table(rows: list[dict], temp: float, math: str, chat: str, ref: str = "hedge") -> list[str]:
@@ -70,8 +77,9 @@ def table(rows: list[dict], temp: float, math: str, chat: str, ref: str = "hedge
     )
     lines = [f"### T={temp:g}: the mixed stream ({stream[0]['prompts']} prompts)", "",
              "| strategy | tau | " + " | ".join(f"tau {s}" for s in sources)
-             + f" | tok/s | draft fwd/cycle | verified/cycle | {ref} - this (paired 95%) |",
-             "|---" * (6 + len(sources)) + "|"]  # fmt: skip
+             + f" | tok/s | draft fwd/cycle | verified/cycle | ms/cycle draft+commit, verify"
+             f" | {ref} - this (paired 95%) |",
+             "|---" * (7 + len(sources)) + "|"]  # fmt: skip
     for r in stream:
         subs = [next((x for x in rows if x["bench"] == f"stream/{s}" and x["temperature"] == temp
                       and name(x) == name(r)), None) for s in sources]  # fmt: skip
@@ -89,7 +97,7 @@ def table(rows: list[dict], temp: float, math: str, chat: str, ref: str = "hedge
         )
         lines.append(f"| {name(r)} | {tau_cell(r['tau'], r.get('tau_ci95'))} | " + " | ".join(cells)
                      + f" | {'-' if tps is None else f'{tps:.1f}'} | {'-' if fwd is None else f'{fwd:.1f}'}"
-                     f" | {'-' if ver is None else f'{ver:.1f}'} | {diff} |")  # fmt: skip
+                     f" | {'-' if ver is None else f'{ver:.1f}'} | {_phases(r)} | {diff} |")  # fmt: skip
     return [*lines, ""]
 
 
