@@ -21,9 +21,11 @@ from taps.paths import atomic_write_text
 from taps.report.rows import load_rows, tau_cell
 
 CHAT_SOURCES = ("mt_bench",)
+# conf/routing/hedge.yaml's defaults: a hedge row is named by the options that differ from them.
 HEDGE_DEFAULTS = {
-    "eta": 1.0, "discount": 1.0, "choose": "sample", "reset": "never", "feedback_every": 1
+    "eta": 1.0, "discount": 0.9, "choose": "sample", "reset": "never", "feedback_every": 4
 }  # fmt: skip
+ABSENT = {"feedback_every": 1}  # rows from before the option existed caught up every cycle
 
 
 def name(row: dict) -> str:
@@ -32,6 +34,7 @@ def name(row: dict) -> str:
     opts = row.get("options") or {}
     if row["strategy"] != "hedge":
         return row["routing"]
+    opts = {**ABSENT, **opts}
     changed = {k: opts.get(k) for k, v in HEDGE_DEFAULTS.items() if opts.get(k, v) != v}
     return "hedge" + "".join(f" {k}={v}" for k, v in changed.items())
 
