@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import DictConfig
 
-from taps.data.benchmarks import load_benchmark
 from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, aux_layers, vanilla_generate
 from taps.engine.tree import verification_inputs
 from taps.engine.verify import accept_greedy
+from taps.eval.grid import load_prompts
 from taps.memory import PeakMemory
 from taps.models.linear import fast_linear
 from taps.models.llama import Llama
@@ -46,9 +46,11 @@ VANILLA = "ours_vanilla"  # (c): the same model and cache as our speculative dec
 def first_turns(
     cfg: DictConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list, list[list[int]]]:
-    """The questions of the first benchmark in cfg.bench (up to bench.limit) and the chat
-    prompt ids of their first turns."""
-    questions = load_benchmark(cfg.bench.benchmarks[0], cfg.paths.data_dir, cfg.bench.limit)
+    """The questions of the first benchmark in cfg.bench (up to bench.limit; `stream`: the
+    mixed session of bench=stream, in its order) and the chat prompt ids of their first turns."""
+    name = cfg.bench.benchmarks[0]
+    questions = load_prompts([name], cfg.paths.data_dir, cfg.bench.limit, cfg.bench.get("path"),
+                             cfg.bench.get("stream"))[name]  # fmt: skip
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in questions]
     return questions, prompts
 
