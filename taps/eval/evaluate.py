@@ -179,20 +179,28 @@ def summarise(
         v_tps = sum(n for n, _ in vanilla) / max(sum(s for _, s in vanilla), 1e-9)
         row["vanilla_tokens_per_s"] = round(v_tps, 2)
         row["speedup_vs_vanilla"] = round(row["tokens_per_s"] / max(v_tps, 1e-9), 3)
-    checks = [t.lossless for t in run.turns if t.lossless is not None]
-    if checks:
-        bad = [
-            dict(question_id=t.question_id, turn=t.turn, **t.lossless)
-            for t in run.turns
-            if t.lossless and not t.lossless["identical"]
-        ]
-        row["lossless"] = {
-            "checked_turns": len(checks),
-            "identical_fraction": round(sum(c["identical"] for c in checks) / len(checks), 4),
-            "divergences": bad,
-            "all_divergences_near_ties": all(b["near_tie"] for b in bad),
-        }
+    lossless = _lossless(run.turns)
+    if lossless is not None:
+        row["lossless"] = lossless
     return row
+
+
+def _lossless(turns: list[TurnRecord]) -> dict | None:
+    """The identity check against vanilla decoding over the turns that ran it."""
+    checks = [t.lossless for t in turns if t.lossless is not None]
+    if not checks:
+        return None
+    bad = [
+        dict(question_id=t.question_id, turn=t.turn, **t.lossless)
+        for t in turns
+        if t.lossless and not t.lossless["identical"]
+    ]
+    return {
+        "checked_turns": len(checks),
+        "identical_fraction": round(sum(c["identical"] for c in checks) / len(checks), 4),
+        "divergences": bad,
+        "all_divergences_near_ties": all(b["near_tie"] for b in bad),
+    }
 
 
 def _source_row(run: BenchRun, source: str, max_depth: int, drafters: list[str] | None) -> dict:
