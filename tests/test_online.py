@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from taps.combine import build_proposer
-from taps.combine.online import counterfactual_score, counterfactual_scores
+from taps.combine.online import counterfactual_scores
 from taps.data.benchmarks import BenchPrompt, load_stream
 from taps.data.conversations import DataError
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
@@ -61,11 +61,11 @@ def test_counterfactual_scores_greedy_prefix_and_expected_length():
         picks[i, t] = big
     d = fake_drafter(picks)
     verified = torch.tensor([3, 1, 2, 0])
-    assert counterfactual_score(d, verified, greedy=True) == 2.0  # the prefix stops at row 2
+    assert counterfactual_scores(d, [verified], greedy=True) == [2.0]  # the prefix stops at row 2
     q = torch.tensor([[0.5, 0.5], [0.2, 0.8], [1.0, 0.0]]).log()
     d = fake_drafter(q)
-    got = counterfactual_score(d, torch.tensor([1, 1, 0]), greedy=False)
-    assert got == pytest.approx(0.5 + 0.5 * 0.8 + 0.5 * 0.8 * 1.0)
+    got = counterfactual_scores(d, [torch.tensor([1, 1, 0])], greedy=False)
+    assert got == pytest.approx([0.5 + 0.5 * 0.8 + 0.5 * 0.8 * 1.0])
     # Several cycles caught up at once: each cycle's prefix is scored on its own rows.
     d = fake_drafter(picks)
     assert counterfactual_scores(d, [verified[:1], verified[1:3], verified[3:]], True) == [1, 1, 1]

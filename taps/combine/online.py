@@ -51,11 +51,6 @@ def counterfactual_scores(drafter: HeadDrafter, cycles: list[Tensor], greedy: bo
     return torch.stack([part.cumprod(0).sum() for part in parts]).tolist()
 
 
-def counterfactual_score(drafter: HeadDrafter, verified: Tensor, greedy: bool) -> float:
-    """`counterfactual_scores` of one cycle."""
-    return counterfactual_scores(drafter, [verified], greedy)[0]
-
-
 def _draft_index(drafter: HeadDrafter, tokens: Tensor) -> Tensor:
     """Target ids -> the head's draft-vocabulary index (-1 where it cannot draft the token)."""
     d2t = drafter.head.d2t

@@ -157,7 +157,7 @@ def summarise(
         "peak_memory": run.peak_memory,
         "tree_tokens_per_cycle": _mean([c.tree_size for g in gens for c in g.cycles]),
         "draft_forwards_per_cycle": _mean([c.draft_forwards for g in gens for c in g.cycles]),
-        "phase_ms_per_cycle": phase_ms(gens),
+        "phase_ms_per_cycle": phase_ms([g.phase_s for g in gens], sum(len(g.cycles) for g in gens)),
         "tau_per_question": {k: round(tau(v), 4) for k, v in per_q.items()},
         # (new tokens, target forwards) per question: enough to recompute any aggregate.
         "per_question": {k: _totals(v) for k, v in per_q.items()},
@@ -226,12 +226,12 @@ def route_trajectory(turns: list[TurnRecord], points: int = 600) -> dict:
     }
 
 
-def phase_ms(gens: list[Generation]) -> dict[str, float]:
-    """Wall time of each phase of the loop (draft, verify, accept, commit) per cycle, in ms:
-    where a strategy's time goes. Prefill is per turn, not per cycle, and left out."""
-    cycles = max(sum(len(g.cycles) for g in gens), 1)
-    phases = sorted({p for g in gens for p in g.phase_s} - {"prefill"})
-    return {p: round(1e3 * sum(g.phase_s.get(p, 0.0) for g in gens) / cycles, 2) for p in phases}
+def phase_ms(phase_s: list[dict[str, float]], cycles: int) -> dict[str, float]:
+    """Wall time of each phase of the loop (draft, verify, accept, commit) per cycle, in ms,
+    from the `phase_s` of decodings that ran `cycles` cycles in all: where a strategy's time
+    goes. Prefill is per turn, not per cycle, and left out."""
+    phases = sorted({p for s in phase_s for p in s} - {"prefill"})
+    return {p: round(1e3 * sum(s.get(p, 0.0) for s in phase_s) / max(cycles, 1), 2) for p in phases}
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -20,6 +20,7 @@ from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, aux_layers, vanilla_generate
 from taps.engine.tree import verification_inputs
 from taps.engine.verify import accept_greedy
+from taps.eval.evaluate import phase_ms
 from taps.eval.grid import load_prompts
 from taps.memory import PeakMemory
 from taps.models.linear import fast_linear
@@ -145,11 +146,7 @@ def speed_summary(records: list[dict], temperature: float) -> dict:
         if records[0][n]["tau"] is not None:
             row["tau"] = round(med([r[n]["tau"] for r in records]), 3)
             cycles = sum(r[n]["cycles"] for r in records)
-            phases = {p for r in records for p in r[n]["phase_s"]} - {"prefill"}
-            row["ms_per_cycle"] = {
-                p: round(1e3 * sum(r[n]["phase_s"].get(p, 0.0) for r in records) / cycles, 2)
-                for p in sorted(phases)
-            }
+            row["ms_per_cycle"] = phase_ms([r[n]["phase_s"] for r in records], cycles)
         # Greedy identity against transformers and against our own vanilla loop in the same
         # precision: in bf16 the two references themselves differ (other kernels, other sums).
         for ref, key in (
