@@ -12,8 +12,11 @@ cycles' pairs equals its forwards cycle by cycle (causal attention), so scores a
 only later; on a CPU one forward over 12 pairs costs about what one over 3 does. Bandits
 (`feedback_every=None`) never need the drafters they did not choose.
 
-Counterfactual scores (ALGORITHMS.md section 10) come from that catch-up forward:
-`HeadDrafter.predictions` are its outputs predicting each caught-up token.
+Counterfactual scores (ALGORITHMS.md section 10) come from the catch-up forwards:
+`HeadDrafter.predictions` are its outputs predicting each caught-up token. They are kept and
+scored at feedback time, one LM-head call per drafter over all its rows since: on a CPU that
+call reads the whole LM head whatever the rows (about what a draft round costs), so scoring the
+chosen drafter's rows every cycle would cost hedge one more call per cycle than the bandit.
 - greedy (T = 0): the length of the drafter's top-1 agreement prefix with a cycle's verified
   tokens;
 - sampling (T > 0): its expected accepted length sum_k prod_{i<=k} q(x_i) under its own
@@ -34,11 +37,13 @@ from taps.models.llama import TargetStates
 RESETS = ("never", "prompt")
 
 
-def counterfactual_scores(drafter: HeadDrafter, cycles: list[Tensor], greedy: bool) -> list[float]:
-    """Per cycle, how many of its verified tokens `drafter` would have had accepted; the
-    drafter's last predictions are for these cycles' tokens, in order (see module doc)."""
+def counterfactual_scores(
+    drafter: HeadDrafter, cycles: list[Tensor], greedy: bool, rows: Tensor | None = None
+) -> list[float]:
+    """Per cycle, how many of its verified tokens `drafter` would have had accepted; `rows`
+    (default: the drafter's last predictions) predict these cycles' tokens, in order."""
     verified = torch.cat(cycles)
-    rows = drafter.predictions[-len(verified) :]
+    rows = (drafter.predictions if rows is None else rows)[-len(verified) :]
     logits = drafter.head.logits(rows).float()
     verified = verified.to(rows.device)
     if greedy:
@@ -109,7 +114,8 @@ class OnlineRouter(DrafterGroup):
     def _drop_pending(self) -> None:
         k = len(self.drafters)
         self.pending: list[list[tuple[TargetStates, Tensor]]] = [[] for _ in range(k)]
-        self.scored: list[list[float]] = [[] for _ in range(k)]  # per drafter, per cycle
+        # Per drafter, the cycles caught up but not scored yet and the head's rows for them.
+        self.unscored: list[list[tuple[Tensor, list[Tensor]]]] = [[] for _ in range(k)]
         self.cycles = 0
         self.forwards = 0  # catch-up forwards since the last tree, billed to the next one
 
@@ -143,16 +149,22 @@ class OnlineRouter(DrafterGroup):
             self.feedback()
 
     def feedback(self) -> None:
-        """Catch every drafter up and `learn` from the cycles all of them have been scored on."""
-        for i in range(len(self.drafters)):
+        """Catch every drafter up, score each on the cycles since the last feedback (one LM-head
+        call per drafter) and `learn` from those scores."""
+        scores = []
+        for i, drafter in enumerate(self.drafters):
             self._catch_up(i)
-        n = min(len(s) for s in self.scored)
-        if n:
-            self.learn(torch.tensor([s[:n] for s in self.scored], dtype=torch.float64).T)
-            self.scored = [s[n:] for s in self.scored]
+            rows = [r for r, _ in self.unscored[i]]
+            cycles = [c for _, cs in self.unscored[i] for c in cs]
+            self.unscored[i] = []
+            scores.append(
+                counterfactual_scores(drafter, cycles, self.greedy, torch.cat(rows)) if rows else []
+            )
+        if scores[0]:  # every drafter is caught up on the same cycles now
+            self.learn(torch.tensor(scores, dtype=torch.float64).T)
 
     def _catch_up(self, i: int) -> None:
-        """Commit drafter i's missed cycles in one forward (scored when feedback is on)."""
+        """Commit drafter i's missed cycles in one forward (kept for scoring when feedback is on)."""
         pending, self.pending[i] = self.pending[i], []
         if not pending:
             return
@@ -160,6 +172,6 @@ class OnlineRouter(DrafterGroup):
         self.drafters[i].commit(states, torch.cat([t for _, t in pending]))
         self.forwards += 1
         if self.feedback_every:
-            self.scored[i] += counterfactual_scores(
-                self.drafters[i], [t for _, t in pending], self.greedy
-            )
+            cycles = [t for _, t in pending]
+            rows = self.drafters[i].predictions[-sum(len(c) for c in cycles) :]
+            self.unscored[i].append((rows, cycles))
