@@ -13,19 +13,26 @@ runs question by question: what a router that knew each prompt's task would get.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from taps.config import compose_option
 from taps.eval.intervals import mean_difference_ci
 from taps.eval.metrics import bootstrap_tau
 from taps.paths import atomic_write_text
 from taps.report.rows import load_rows, tau_cell
 
 CHAT_SOURCES = ("mt_bench",)
-# conf/routing/hedge.yaml's defaults: a hedge row is named by the options that differ from them.
-HEDGE_DEFAULTS = {
-    "eta": 1.0, "discount": 0.9, "choose": "sample", "reset": "never", "feedback_every": 4
-}  # fmt: skip
 ABSENT = {"feedback_every": 1}  # rows from before the option existed caught up every cycle
+
+
+@functools.cache
+def hedge_defaults() -> dict:
+    """conf/routing/hedge.yaml's options (what `routing=hedge` decodes with)."""
+    cfg = OmegaConf.to_container(compose_option("routing", "hedge"))
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def name(row: dict) -> str:
@@ -35,7 +42,8 @@ def name(row: dict) -> str:
     if row["strategy"] != "hedge":
         return row["routing"]
     opts = {**ABSENT, **opts}
-    changed = {k: opts.get(k) for k, v in HEDGE_DEFAULTS.items() if opts.get(k, v) != v}
+    defaults = hedge_defaults()  # a hedge row is named by the options that differ from them
+    changed = {k: opts.get(k) for k, v in defaults.items() if opts.get(k, v) != v}
     return "hedge" + "".join(f" {k}={v}" for k, v in changed.items())
 
 
