@@ -85,15 +85,31 @@ def test_counterfactual_scores_greedy_prefix_and_expected_length():
     ],
 )
 def test_online_routers_are_greedy_lossless(tiny64, trained3, routing, options):
-    proposer = build_proposer(routing, pair(tiny64, trained3), SPEC, **options)
+    heads = pair(tiny64, trained3)
+    proposer = build_proposer(routing, heads, SPEC, **options)
     dec = SpeculativeDecoder(tiny64.model, proposer, tiny64.eos_ids)
-    chosen = set()
+    chosen, ran = set(), []
+    hooks = [h.register_forward_hook(lambda *_: ran.append(1)) for h in heads]
     proposer.new_session()
+    try:
+        billed = _decode_each(dec, proposer, tiny64, routing, options, chosen)
+    finally:
+        for h in hooks:
+            h.remove()
+    # Every head forward that ran is billed to a tree, or waits for the next prompt's first.
+    assert billed + proposer.forwards == len(ran)
+    assert chosen == {0, 1} or routing == "hedge"  # bandits try every drafter
+
+
+def _decode_each(dec, proposer, tiny64, routing, options, chosen) -> int:
+    """Decode the trained prompts one after another, checking each; the forwards billed."""
+    billed = 0
     for p in trained_prompts(tiny64):
         out = dec.generate(p, 32)
         assert out.tokens == vanilla_generate(tiny64.model, p, 32, tiny64.eos_ids).tokens
         chosen |= {c.drafter for c in out.cycles}
         forwards = [c.draft_forwards for c in out.cycles]
+        billed += sum(forwards)
         if options.get("feedback_every", 1 if routing == "hedge" else None) == 1:
             # One tree drafted, plus one catch-up forward of the other drafter every cycle.
             assert forwards == [SPEC.depth + 2] * len(out.cycles)
@@ -104,7 +120,7 @@ def test_online_routers_are_greedy_lossless(tiny64, trained3, routing, options):
         if routing == "hedge":
             proposer.feedback()
             assert len({d.cache.length for d in proposer.drafters}) == 1  # all in step
-    assert chosen == {0, 1} or routing == "hedge"  # bandits try every drafter
+    return billed
 
 
 def test_deferred_catch_up_learns_what_every_cycle_catch_up_does(tiny64, trained3):
