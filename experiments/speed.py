@@ -109,6 +109,15 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {n} | {1e3 * c['step_s']:.1f} | {1e3 * c['draft_s']:.1f} | "
                          f"{1e3 * c['verify_s']:.1f} | {c['tree_tokens']} | "
                          f"{c['ideal_speedup_vs_vanilla']:.2f} |")  # fmt: skip
+    paired = summary.get("paired")
+    if paired:
+        ref, n = paired["ref"], paired["prompts"]
+        lines += ["", f"| {ref} / method, per prompt | geometric mean [95%] | median | "
+                  f"{ref} faster on |", "|---|---|---|---|"]  # fmt: skip
+        for name, p in paired["methods"].items():
+            ci = "" if p["ci95"] is None else " [{:.2f}, {:.2f}]".format(*p["ci95"])
+            lines.append(f"| {name} | {p['geo_mean']:.2f}{ci} | {p['median']:.2f} | "
+                         f"{p['faster_on']} of {n} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -144,8 +153,19 @@ def plot(summary: dict, path: Path) -> Path:
     return path
 
 
+def ref_name(cfg: DictConfig) -> str | None:
+    """speed.ref as its records name it (speculative methods get the ours_spec_ prefix)."""
+    ref = cfg.speed.get("ref")
+    if ref is None:
+        return None
+    if ref not in cfg.speed.methods:
+        raise ValueError(f"speed.ref={ref}: not one of speed.methods {list(cfg.speed.methods)}")
+    return ref if ref in (*HF, speed.VANILLA) else f"ours_spec_{ref}"
+
+
 def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
     """Every method of speed.methods on the same prompts; writes results.json, .md, .png."""
+    ref_name(cfg)  # a wrong speed.ref fails before any decoding
     torch.manual_seed(cfg.seed)
     target = instantiate(cfg.target)
     methods, decoders = build_methods(cfg, target)  # trains missing drafters first
@@ -166,7 +186,7 @@ def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
 
     records = speed.measure(prompts, methods, int(cfg.max_new_tokens), int(cfg.seed), dev,
                             int(cfg.speed.warmup_tokens), show)  # fmt: skip
-    summary = speed.speed_summary(records, float(cfg.temperature))
+    summary = speed.speed_summary(records, float(cfg.temperature), ref_name(cfg))
     summary.update(bench=cfg.bench.benchmarks[0], threads=torch.get_num_threads(),
                    device=str(dev), dtype=str(dtype).removeprefix("torch."))  # fmt: skip
     summary["unit_costs"] = {}

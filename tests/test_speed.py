@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -68,6 +69,27 @@ def test_summarise_medians_of_per_prompt_ratios():
     assert s["ours_vanilla"]["vs_hf_generate"] == 2.0
     assert s["ours_vanilla"]["identical_to_hf_generate"] == 3
     assert s["hf_generate"]["tokens_per_s"] == 10.0
+
+
+def test_paired_ratios_against_a_reference_method():
+    mem = {"kind": "cpu_rss", "peak_mb": 1.0, "extra_mb": 0.0}
+
+    def rec(**seconds: float) -> dict:
+        return {
+            n: {"tokens": [1] * 8, "s": s, "tau": None, "memory": mem} for n, s in seconds.items()
+        }
+
+    # a is 2x as fast as b on every prompt; against c it is 2x, 1x and 0.5x as fast.
+    records = [rec(a=1.0, b=2.0, c=2.0), rec(a=2.0, b=4.0, c=2.0), rec(a=4.0, b=8.0, c=2.0)]
+    paired = speed.speed_summary(records, 0.0, ref="a")["paired"]
+    assert paired["ref"] == "a" and paired["prompts"] == 3 and set(paired["methods"]) == {"b", "c"}
+    b, c = paired["methods"]["b"], paired["methods"]["c"]
+    assert b == {"geo_mean": 2.0, "ci95": [2.0, 2.0], "median": 2.0, "faster_on": 3}
+    assert c["geo_mean"] == 1.0 and c["median"] == 1.0 and c["faster_on"] == 1
+    assert c["ci95"][0] < 1.0 < c["ci95"][1] and c["ci95"][0] >= 0.5 and c["ci95"][1] <= 2.0
+    assert "paired" not in speed.speed_summary(records, 0.0)
+    with pytest.raises(ValueError, match="speed.ref='d'"):
+        speed.paired_ratios(records, "d")
 
 
 def test_speed_presets_compose():

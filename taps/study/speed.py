@@ -2,11 +2,13 @@
 
 A method is a function (prompt ids, max new tokens, torch generator) -> Decoded. Every method
 decodes every prompt in turn, so machine noise hits all of them alike; speedups are medians
-over prompts of per-prompt tokens/s ratios.
+over prompts of per-prompt tokens/s ratios; `paired_ratios` adds a geometric mean with a
+bootstrap interval over prompts against a chosen method.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from taps.engine.tree import verification_inputs
 from taps.engine.verify import accept_greedy
 from taps.eval.evaluate import phase_ms
 from taps.eval.grid import load_prompts
+from taps.eval.metrics import percentile_interval
 from taps.memory import PeakMemory
 from taps.models.linear import fast_linear
 from taps.models.llama import Llama
@@ -132,33 +135,59 @@ def _tps(r: dict, name: str) -> float:
     return len(r[name]["tokens"]) / r[name]["s"]
 
 
-def speed_summary(records: list[dict], temperature: float) -> dict:
+def paired_ratios(records: list[dict], ref: str, samples: int = 2000, seed: int = 0) -> dict:
+    """Per other method: `ref`'s tokens/s over its, prompt by prompt (both decoded the same
+    prompts, interleaved): geometric mean with a bootstrap 95% interval resampling prompts,
+    median, and on how many prompts `ref` was faster."""
+    names = [k for k, v in records[0].items() if isinstance(v, dict)]
+    if ref not in names:
+        raise ValueError(f"speed.ref={ref!r}: not a measured method (measured: {names})")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(records), (samples, len(records)), generator=gen)
+    out = {}
+    for n in (n for n in names if n != ref):
+        logs = torch.tensor([math.log(_tps(r, ref) / _tps(r, n)) for r in records])
+        lo, hi = percentile_interval(logs.double()[idx].mean(1).exp())
+        out[n] = {
+            "geo_mean": round(float(logs.mean().exp()), 3),
+            "ci95": [round(lo, 3), round(hi, 3)] if len(records) > 1 else None,
+            "median": round(statistics.median(logs.exp().tolist()), 3),
+            "faster_on": int((logs > 0).sum()),
+        }
+    return {"ref": ref, "prompts": len(records), "methods": out}
+
+
+def speed_summary(records: list[dict], temperature: float, ref: str | None = None) -> dict:
     """Per method: median tokens/s, median per-prompt speedups against (a) and (c), median tau,
-    outputs identical to (a) (greedy only), ms per cycle by phase, and peak memory."""
+    outputs identical to (a) (greedy only), ms per cycle by phase, and peak memory; with `ref`,
+    also every method paired against it (`paired_ratios`)."""
     names = [k for k, v in records[0].items() if isinstance(v, dict)]
     med = statistics.median
     out = {}
     for n in names:
         row = {"tokens_per_s": round(med([_tps(r, n) for r in records]), 2)}
-        for ref, key in ((BASELINE, "vs_hf_generate"), (VANILLA, "vs_ours_vanilla")):
-            if ref in records[0]:
-                row[key] = round(med([_tps(r, n) / _tps(r, ref) for r in records]), 3)
+        for base, key in ((BASELINE, "vs_hf_generate"), (VANILLA, "vs_ours_vanilla")):
+            if base in records[0]:
+                row[key] = round(med([_tps(r, n) / _tps(r, base) for r in records]), 3)
         if records[0][n]["tau"] is not None:
             row["tau"] = round(med([r[n]["tau"] for r in records]), 3)
             cycles = sum(r[n]["cycles"] for r in records)
             row["ms_per_cycle"] = phase_ms([r[n]["phase_s"] for r in records], cycles)
         # Greedy identity against transformers and against our own vanilla loop in the same
         # precision: in bf16 the two references themselves differ (other kernels, other sums).
-        for ref, key in (
+        for base, key in (
             (BASELINE, "identical_to_hf_generate"),
             (VANILLA, "identical_to_ours_vanilla"),
         ):
-            if temperature <= 0 and ref in records[0]:
-                row[key] = sum(r[n]["tokens"] == r[ref]["tokens"] for r in records)
+            if temperature <= 0 and base in records[0]:
+                row[key] = sum(r[n]["tokens"] == r[base]["tokens"] for r in records)
         row["peak_memory_mb"] = max(r[n]["memory"]["peak_mb"] for r in records)
         row["extra_memory_mb"] = max(r[n]["memory"]["extra_mb"] for r in records)
         out[n] = row
-    return {"temperature": temperature, "prompts": len(records), "methods": out}
+    summary = {"temperature": temperature, "prompts": len(records), "methods": out}
+    if ref is not None:
+        summary["paired"] = paired_ratios(records, ref)
+    return summary
 
 
 def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 0) -> float:
