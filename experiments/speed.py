@@ -165,7 +165,7 @@ def ref_name(cfg: DictConfig) -> str | None:
 
 def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
     """Every method of speed.methods on the same prompts; writes results.json, .md, .png."""
-    ref_name(cfg)  # a wrong speed.ref fails before any decoding
+    ref = ref_name(cfg)  # a wrong speed.ref fails before any decoding
     torch.manual_seed(cfg.seed)
     target = instantiate(cfg.target)
     methods, decoders = build_methods(cfg, target)  # trains missing drafters first
@@ -186,7 +186,7 @@ def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
 
     records = speed.measure(prompts, methods, int(cfg.max_new_tokens), int(cfg.seed), dev,
                             int(cfg.speed.warmup_tokens), show)  # fmt: skip
-    summary = speed.speed_summary(records, float(cfg.temperature), ref_name(cfg))
+    summary = speed.speed_summary(records, float(cfg.temperature), ref)
     summary.update(bench=cfg.bench.benchmarks[0], threads=torch.get_num_threads(),
                    device=str(dev), dtype=str(dtype).removeprefix("torch."))  # fmt: skip
     summary["unit_costs"] = {}

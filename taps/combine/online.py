@@ -14,9 +14,9 @@ only later; on a CPU one forward over 12 pairs costs about what one over 3 does.
 
 Counterfactual scores (ALGORITHMS.md section 10) come from the catch-up forwards:
 `HeadDrafter.predictions` are its outputs predicting each caught-up token. They are kept and
-scored at feedback time, one LM-head call per drafter over all its rows since: on a CPU that
-call reads the whole LM head whatever the rows (about what a draft round costs), so scoring the
-chosen drafter's rows every cycle would cost hedge one more call per cycle than the bandit.
+scored at feedback time, one LM-head call per drafter over all its rows since, not one per
+catch-up (with the presets' 8192-token draft vocabulary the saving did not show in hedge's time
+per cycle on the stream: experiments/README.md, "Online selection").
 - greedy (T = 0): the length of the drafter's top-1 agreement prefix with a cycle's verified
   tokens;
 - sampling (T > 0): its expected accepted length sum_k prod_{i<=k} q(x_i) under its own

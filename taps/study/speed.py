@@ -131,6 +131,11 @@ def measure(
     return records
 
 
+def _names(records: list[dict]) -> list[str]:
+    """The methods a run's records hold (each a dict per prompt)."""
+    return [k for k, v in records[0].items() if isinstance(v, dict)]
+
+
 def _tps(r: dict, name: str) -> float:
     return len(r[name]["tokens"]) / r[name]["s"]
 
@@ -139,15 +144,17 @@ def paired_ratios(records: list[dict], ref: str, samples: int = 2000, seed: int 
     """Per other method: `ref`'s tokens/s over its, prompt by prompt (both decoded the same
     prompts, interleaved): geometric mean with a bootstrap 95% interval resampling prompts,
     median, and on how many prompts `ref` was faster."""
-    names = [k for k, v in records[0].items() if isinstance(v, dict)]
+    names = _names(records)
     if ref not in names:
         raise ValueError(f"speed.ref={ref!r}: not a measured method (measured: {names})")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(records), (samples, len(records)), generator=gen)
     out = {}
     for n in (n for n in names if n != ref):
-        logs = torch.tensor([math.log(_tps(r, ref) / _tps(r, n)) for r in records])
-        lo, hi = percentile_interval(logs.double()[idx].mean(1).exp())
+        logs = torch.tensor(
+            [math.log(_tps(r, ref) / _tps(r, n)) for r in records], dtype=torch.float64
+        )
+        lo, hi = percentile_interval(logs[idx].mean(1).exp())
         out[n] = {
             "geo_mean": round(float(logs.mean().exp()), 3),
             "ci95": [round(lo, 3), round(hi, 3)] if len(records) > 1 else None,
@@ -161,7 +168,7 @@ def speed_summary(records: list[dict], temperature: float, ref: str | None = Non
     """Per method: median tokens/s, median per-prompt speedups against (a) and (c), median tau,
     outputs identical to (a) (greedy only), ms per cycle by phase, and peak memory; with `ref`,
     also every method paired against it (`paired_ratios`)."""
-    names = [k for k, v in records[0].items() if isinstance(v, dict)]
+    names = _names(records)
     med = statistics.median
     out = {}
     for n in names:
