@@ -68,6 +68,22 @@ def load_heads(cfg: DictConfig, target: Target, everyone: bool) -> dict[str, Dra
     return heads
 
 
+def routing_config(name: str, entry: str | DictConfig) -> DictConfig:
+    """speed.strategies[name]: a conf/routing option, or {routing: OPTION, KEY: VALUE, ...} for
+    that option with some settings changed (e.g. {routing: hedge, choose: argmax})."""
+    if isinstance(entry, str):
+        return compose_option("routing", entry)
+    extra = OmegaConf.to_container(entry, resolve=True)
+    option = extra.pop("routing", None)  # type: ignore[union-attr]
+    if not isinstance(option, str):
+        raise ValueError(f"speed.strategies.{name}: a mapping needs routing: <conf/routing option>")
+    base = compose_option("routing", option)
+    unknown = sorted(set(extra) - set(base))  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"speed.strategies.{name}: routing={option} has no setting {unknown}")
+    return OmegaConf.merge(base, extra)  # type: ignore[return-value]
+
+
 def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
     """Our methods named in speed.methods (vanilla, speculative strategies) and the decoders;
     each speculative method decodes with the routing config speed.strategies names."""
@@ -77,8 +93,7 @@ def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
         raise ValueError(f"speed.methods: unknown {unknown}; known: "
                          f"{[*HF, speed.VANILLA, *known]}")  # fmt: skip
     spec = instantiate(cfg.tree)
-    wanted = {m: strategy(instantiate(compose_option("routing", known[m])))
-              for m in names if m in known}  # fmt: skip
+    wanted = {m: strategy(instantiate(routing_config(m, known[m]))) for m in names if m in known}
     heads = load_heads(cfg, target, any(s.combines for s in wanted.values())) if wanted else {}
     decoders = {}
     for m, combine in wanted.items():

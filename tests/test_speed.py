@@ -3,6 +3,7 @@ summarise it. No timing assertions: speed claims come from experiments/, not fro
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from taps.config import CONF_DIR
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.models.draft_head import DraftHead
 from taps.study import speed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_peak_memory_sees_a_transient_allocation():
@@ -102,9 +106,35 @@ def test_speed_presets_compose():
     assert cfg.speed.methods[:3] == ["hf_generate", "hf_prompt_lookup", "ours_vanilla"]
     assert "/speed/" in cfg.hydra.run.dir
     routing = Path(CONF_DIR) / "routing"
-    assert all((routing / f"{r}.yaml").is_file() for r in cfg.speed.strategies.values())
+    for r in cfg.speed.strategies.values():
+        assert (routing / f"{r if isinstance(r, str) else r.routing}.yaml").is_file(), r
     assert sweep.data.name == "mathinstruct" and list(sweep.sweep.total_tokens)
     assert "/tree_sweep/" in sweep.hydra.run.dir
+
+
+def test_speed_strategy_variants_change_only_what_they_name():
+    """speed.strategies values: a routing option, or that option with settings changed, so two
+    variants of one router can be timed side by side; a setting the option lacks is an error."""
+    mod = _speed_script()
+    hedge = mod.routing_config("hedge", "hedge")
+    variant = mod.routing_config(
+        "leader", OmegaConf.create({"routing": "hedge", "choose": "argmax"})
+    )
+    assert hedge.choose == "sample" and variant.choose == "argmax"
+    assert {k: v for k, v in variant.items() if k != "choose"} == {
+        k: v for k, v in hedge.items() if k != "choose"
+    }
+    with pytest.raises(ValueError, match=r"leader: routing=hedge has no setting \['chose'\]"):
+        mod.routing_config("leader", OmegaConf.create({"routing": "hedge", "chose": "argmax"}))
+    with pytest.raises(ValueError, match="needs routing"):
+        mod.routing_config("leader", OmegaConf.create({"choose": "argmax"}))
+
+
+def _speed_script():
+    spec = importlib.util.spec_from_file_location("speed_script", ROOT / "experiments/speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_experiment_scripts_answer_help():
