@@ -118,16 +118,16 @@ def test_speed_strategy_variants_change_only_what_they_name():
     mod = _speed_script()
     hedge = mod.routing_config("hedge", "hedge")
     variant = mod.routing_config(
-        "leader", OmegaConf.create({"routing": "hedge", "choose": "argmax"})
+        "drawn", OmegaConf.create({"routing": "hedge", "choose": "sample"})
     )
-    assert hedge.choose == "sample" and variant.choose == "argmax"
+    assert hedge.choose == "argmax" and variant.choose == "sample"
     assert {k: v for k, v in variant.items() if k != "choose"} == {
         k: v for k, v in hedge.items() if k != "choose"
     }
-    with pytest.raises(ValueError, match=r"leader: routing=hedge has no setting \['chose'\]"):
-        mod.routing_config("leader", OmegaConf.create({"routing": "hedge", "chose": "argmax"}))
+    with pytest.raises(ValueError, match=r"drawn: routing=hedge has no setting \['chose'\]"):
+        mod.routing_config("drawn", OmegaConf.create({"routing": "hedge", "chose": "argmax"}))
     with pytest.raises(ValueError, match="needs routing"):
-        mod.routing_config("leader", OmegaConf.create({"choose": "argmax"}))
+        mod.routing_config("drawn", OmegaConf.create({"choose": "argmax"}))
 
 
 def _speed_script():
