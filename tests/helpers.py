@@ -1,6 +1,10 @@
-"""Test doubles shared by engine tests."""
+"""Test doubles shared by engine tests, and the experiment scripts loaded as modules."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -9,6 +13,7 @@ from taps.models.eagle3_head import Eagle3Head
 from taps.models.llama import Llama
 from taps.training.eagle3 import eagle3_loss
 
+ROOT = Path(__file__).resolve().parents[1]
 AUX = (0, 1, 2)  # the tiny target has 2 layers: its embedding stream, after 1, after 2
 
 
@@ -146,3 +151,11 @@ def train_eagle3(tiny64) -> Eagle3Head:
         opt.step()
     assert float(m["step1/top1"]) > 0.8 and float(m["step2/top1"]) > 0.6
     return head.eval().requires_grad_(False)
+
+
+def experiment_script(name: str) -> ModuleType:
+    """experiments/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"experiments/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -5,7 +5,6 @@ studies that are really up to date."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from taps.report.rows import load_rows, rows_of
 from taps.study.findings import Comparison, grade, grade_all
 from taps.study.paper import STUDIES
 from taps.study.variants import BENCHES
+from tests.helpers import experiment_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _compose(overrides: list[str], hydra: bool = False):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=overrides, return_hydra_config=hydra)
-
-
-def _script(name: str = "paper"):
-    """experiments/<name>.py as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"experiments/{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("study", STUDIES)
@@ -129,7 +121,7 @@ def test_cell_keys_and_unreadable_cells(tmp_path):
 
 
 def test_paper_script_skips_only_what_is_up_to_date(tmp_path):
-    paper = _script()
+    paper = experiment_script("paper")
     cache, out = tmp_path / "cache", tmp_path / "out"
     study = out / "runs" / "depth"
     (study / "0").mkdir(parents=True)
@@ -252,7 +244,7 @@ def test_combination_table_on_stored_results(tmp_path):
     temperature (from taps.study.findings), finding 4 against the combination's components only
     (not the drafter trained on the mixture), differences equal to the rows' own means, and the
     figure written."""
-    mod = _script("combination_table")
+    mod = experiment_script("combination_table")
     rows = load_rows(*(FIXTURE / "runs" / s for s in ("combination", "specialization")))
     text = mod.findings(rows)
     for kind in ("EAGLE-2", "HASS"):
@@ -281,7 +273,7 @@ GRID = ROOT / "experiments" / "results" / "combination_grid_cpu"
 def test_stored_combination_grid_regenerates_its_table_and_the_readme_quotes_it():
     """Issue 5's measured grid: its rows give exactly the stored table.md, and every
     tau-with-interval cell in experiments/README's acceptance-grid section appears in it."""
-    mod = _script("combination_table")
+    mod = experiment_script("combination_table")
     rows = load_rows(GRID)
     assert len(rows) == 7 * 2 * 4  # variants x temperatures x benchmarks
     text = mod.report(rows)
@@ -297,7 +289,7 @@ def test_stored_combination_grid_regenerates_its_table_and_the_readme_quotes_it(
 def test_routing_plot_of_a_whole_grid_stays_readable(tmp_path):
     """16 routed rows (2 routers x 4 benchmarks x 2 temperatures): one bar each per panel,
     panels stacked so the figure stays a page wide (side by side it was 30 inches)."""
-    mod = _script("combination_table")
+    mod = experiment_script("combination_table")
     rows = load_rows(GRID)
     assert mod.routing_plot(rows, tmp_path / "routing.png")
     png = (tmp_path / "routing.png").read_bytes()

@@ -3,7 +3,6 @@ summarise it. No timing assertions: speed claims come from experiments/, not fro
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,7 @@ from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.models.draft_head import DraftHead
 from taps.study import speed
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import experiment_script
 
 
 def test_peak_memory_sees_a_transient_allocation():
@@ -115,7 +113,7 @@ def test_speed_presets_compose():
 def test_speed_strategy_variants_change_only_what_they_name():
     """speed.strategies values: a routing option, or that option with settings changed, so two
     variants of one router can be timed side by side; a setting the option lacks is an error."""
-    mod = _speed_script()
+    mod = experiment_script("speed")
     hedge = mod.routing_config("hedge", "hedge")
     variant = mod.routing_config(
         "drawn", OmegaConf.create({"routing": "hedge", "choose": "sample"})
@@ -128,13 +126,6 @@ def test_speed_strategy_variants_change_only_what_they_name():
         mod.routing_config("drawn", OmegaConf.create({"routing": "hedge", "chose": "argmax"}))
     with pytest.raises(ValueError, match="needs routing"):
         mod.routing_config("drawn", OmegaConf.create({"choose": "argmax"}))
-
-
-def _speed_script():
-    spec = importlib.util.spec_from_file_location("speed_script", ROOT / "experiments/speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_experiment_scripts_answer_help():
