@@ -186,11 +186,13 @@ def test_router_options_are_checked(tiny64, trained3):
         build_proposer("bandit", pair(tiny64, trained3), SPEC, algorithm="thompson")
 
 
-@pytest.mark.parametrize("routing", ["hedge", "bandit"])
-def test_online_routers_sampling_is_lossless(tiny64, trained3, routing):
+@pytest.mark.parametrize(
+    "routing,options", [("hedge", {}), ("hedge", {"choose": "argmax"}), ("bandit", {})]
+)
+def test_online_routers_sampling_is_lossless(tiny64, trained3, routing, options):
     from tests.test_engine_sampling_e2e import joint_test
 
-    proposer = build_proposer(routing, pair(tiny64, trained3), TreeSpec(3, 2, 8))
+    proposer = build_proposer(routing, pair(tiny64, trained3), TreeSpec(3, 2, 8), **options)
     proposer.new_session()
     p, tv = joint_test(tiny64, 1.0, 1.0, proposer, min_accept=0.05, samples=3000)
     assert p > 1e-3, f"{routing}: chi-square p={p:.2e} TV={tv:.3f}"
