@@ -170,9 +170,9 @@ def test_export_cli_engines_and_target(tiny64, tmp_path):
 
 def test_check_serving_fails_on_any_difference(capsys):
     """make check-serving's verdict: identical outputs and acceptance within 2%, or it fails."""
-    from tests.test_paper import _script
+    from tests.helpers import experiment_script
 
-    check = _script("check_serving").check
+    check = experiment_script("check_serving").check
     mine = {"vanilla": [[1, 2], [3, 4]], "spec": [[1, 2], [3, 4]], "mean_acceptance_length": 2.0,
             "accepted": 10, "cycles": 10}  # fmt: skip
     base = {"tokens": [[1, 2], [3, 4]]}
