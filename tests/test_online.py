@@ -208,6 +208,10 @@ def test_stream_interleaves_sources_by_seed(data_dir):
     assert len({p.source for p in a[:4]}) > 1  # interleaved, not one block per source
     only = load_stream(data_dir, 2, {"gsm8k": 1, "svamp": 0}, seed=0)
     assert [p.source for p in only] == ["gsm8k", "gsm8k"]
+    later = load_stream(data_dir, 2, {"gsm8k": 1, "svamp": 0}, seed=0, skip=1)
+    assert [p.question_id for p in later] == [p.question_id for p in a if p.source == "gsm8k"][1:3]
+    with pytest.raises(DataError, match=r"bench\.stream\.skip"):
+        load_stream(data_dir, 2, {"gsm8k": 1}, seed=0, skip=-1)
     with pytest.raises(DataError, match=r"bench\.stream\.mix"):
         load_stream(data_dir, 2, {"gsm8k": -1}, seed=0)
     with pytest.raises(DataError, match=r"bench\.stream\.mix"):

@@ -45,9 +45,11 @@ def load_stream(
     limit: int | None,
     mix: dict[str, float],
     seed: int = 0,
+    skip: int = 0,
 ) -> list[BenchPrompt]:
-    """One session of mixed tasks (bench=stream): the first `limit` prompts of each benchmark
-    with a positive weight in `mix`, interleaved in a seeded random order in which each next
+    """One session of mixed tasks (bench=stream): `limit` prompts of each benchmark with a
+    positive weight in `mix`, after its first `skip` (file order; a held-out stream for checking
+    a setting chosen on the first), interleaved in a seeded random order in which each next
     prompt's source is drawn with probability proportional to its weight (among the sources
     with prompts left). Question ids become "<benchmark>/<id>"."""
     bad = [n for n in mix if n not in BENCHMARKS]
@@ -56,7 +58,10 @@ def load_stream(
             f"bench.stream.mix={dict(mix)}: expected non-negative weights, one of them positive, "
             f"for benchmarks among {list(BENCHMARKS)}"
         )
-    queues = {n: list(load_benchmark(n, data_dir, limit)) for n, w in mix.items() if w > 0}
+    if skip < 0:
+        raise DataError(f"bench.stream.skip must be >= 0, got {skip}")
+    last = None if limit is None else skip + limit
+    queues = {n: load_benchmark(n, data_dir, last)[skip:] for n, w in mix.items() if w > 0}
     rng = random.Random(seed)
     out: list[BenchPrompt] = []
     while any(queues.values()):

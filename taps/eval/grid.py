@@ -52,7 +52,7 @@ def load_prompts(
 ) -> dict[str, list[BenchPrompt]]:
     """Every benchmark's prompts, read before anything is trained or decoded; a benchmark
     without a prompt is an error (it would report tau 0 over nothing). `stream` (bench=stream:
-    `mix` weights and a `seed`) builds the mixed session "stream"."""
+    `mix` weights, a `seed`, `skip`) builds the mixed session "stream"."""
 
     def load(b: str) -> list[BenchPrompt]:
         if b == "stream":
@@ -60,7 +60,8 @@ def load_prompts(
                 raise DataError(
                     "benchmark 'stream' needs bench.stream.mix (conf/bench/stream.yaml)"
                 )
-            return load_stream(data_dir, limit, dict(stream["mix"]), int(stream.get("seed", 0)))
+            mix, seed, skip = dict(stream["mix"]), stream.get("seed", 0), stream.get("skip", 0)
+            return load_stream(data_dir, limit, mix, int(seed), int(skip))
         return load_benchmark(b, data_dir, limit, path)
 
     prompts = {b: load(b) for b in benchmarks}
