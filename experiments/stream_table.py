@@ -80,6 +80,13 @@ def _phases(row: dict) -> str:
 
 def table(rows: list[dict], temp: float, math: str, chat: str, ref: str = "hedge") -> list[str]:
     stream = [r for r in rows if r["bench"] == "stream" and r["temperature"] == temp]
+    asked = {frozenset(r.get("per_question") or ()) for r in stream}
+    if len(asked) > 1:  # paired intervals and the oracle need the same questions in every row
+        raise ValueError(
+            f"T={temp:g}: the stream rows decode different prompts ({sorted(map(len, asked))} "
+            "questions): bench.limit, bench.stream.skip or bench.stream.mix differ between the "
+            "runs; table each stream separately"
+        )
     extra = oracle(stream, math, chat)
     stream += [extra] if extra else []
     hedge = next((r for r in stream if name(r) == ref), None)
@@ -125,7 +132,10 @@ def main() -> None:
         raise SystemExit(f"no bench=stream rows below {args.dirs}")
     lines = []
     for temp in sorted({r["temperature"] for r in rows}):
-        lines += table(rows, temp, args.math, args.chat, args.ref)
+        try:
+            lines += table(rows, temp, args.math, args.chat, args.ref)
+        except ValueError as e:
+            raise SystemExit(f"{' '.join(args.dirs)}: {e}") from e
     text = "\n".join(lines)
     print(text)
     if args.out:
