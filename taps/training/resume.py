@@ -1,4 +1,5 @@
-"""Interrupt-safe training: resumable shuffling and an atomically written last checkpoint.
+"""Interrupt-safe training: resumable shuffling, an atomically written last checkpoint, and
+the metrics of every training segment joined into one metrics.csv.
 
 Lightning saves the state of a stateful dataloader in its checkpoints and hands it back before
 iterating on resume. Our sampler's permutation depends only on (seed, epoch), and its state
@@ -8,6 +9,7 @@ Lightning prefetches a batch ahead), so a resumed run skips exactly those and lo
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from collections.abc import Iterator
@@ -107,3 +109,38 @@ class LastCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.sampler.trained = len(self.sampler)
         self._save(trainer)
+
+
+def keep_segment(work: Path) -> None:
+    """A resumed fit's CSV logger starts metrics.csv afresh: keep the interrupted segment's."""
+    if (work / "metrics.csv").is_file():
+        n = len(list(work.glob("metrics-segment-*.csv")))
+        (work / "metrics.csv").rename(work / f"metrics-segment-{n:03d}.csv")
+
+
+def join_segments(work: Path, out: Path) -> None:
+    """metrics.csv of every training segment, in order, under the union of their columns; a
+    segment's rows past the step the next one resumed from were redone by it and are dropped."""
+    parts = [*sorted(work.glob("metrics-segment-*.csv")), work / "metrics.csv"]
+    segments = []
+    for part in (p for p in parts if p.is_file()):
+        with open(part, newline="") as f:
+            segments.append(list(csv.DictReader(f)))
+    rows: list[dict] = []
+    for k, seg in enumerate(segments):
+        later = [_step(r) for s in segments[k + 1 :] for r in s if _step(r) is not None]
+        rows += [r for r in seg if not later or (_step(r) or 0) < min(later)]
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _step(row: dict) -> int | None:
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None

@@ -7,7 +7,6 @@ its hyper-parameters, the trainer settings, the seed and the head's code version
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from taps.training.guards import FiniteLoss, check_finite_weights
 from taps.training.module import DraftModule
 from taps.training.objectives import Objective
 from taps.training.regenerate import cached_regeneration
-from taps.training.resume import LastCheckpoint
+from taps.training.resume import LastCheckpoint, join_segments, keep_segment
 from taps.training.vocab import frequent_tokens
 
 log = logging.getLogger(__name__)
@@ -411,7 +410,7 @@ def _fit(
     resume = str(ckpt) if ckpt.is_file() else None
     if resume:
         log.info("resuming %s from %s", job.out.name, ckpt)
-        _keep_segment(job.work)
+        keep_segment(job.work)
     loggers = [L.pytorch.loggers.CSVLogger(str(job.work), name="", version="")]
     if callable(lightning_logger):  # a factory: the run's logger starts only if we train
         lightning_logger = lightning_logger()
@@ -433,41 +432,6 @@ def _fit(
     return _Fit(pl_trainer, time.perf_counter() - t0, mem, resume is not None)
 
 
-def _keep_segment(work: Path) -> None:
-    """A resumed fit's CSV logger starts metrics.csv afresh: keep the interrupted segment's."""
-    if (work / "metrics.csv").is_file():
-        n = len(list(work.glob("metrics-segment-*.csv")))
-        (work / "metrics.csv").rename(work / f"metrics-segment-{n:03d}.csv")
-
-
-def _join_segments(work: Path, out: Path) -> None:
-    """metrics.csv of every training segment, in order, under the union of their columns; a
-    segment's rows past the step the next one resumed from were redone by it and are dropped."""
-    parts = [*sorted(work.glob("metrics-segment-*.csv")), work / "metrics.csv"]
-    segments = []
-    for part in (p for p in parts if p.is_file()):
-        with open(part, newline="") as f:
-            segments.append(list(csv.DictReader(f)))
-    rows: list[dict] = []
-    for k, seg in enumerate(segments):
-        later = [_step(r) for s in segments[k + 1 :] for r in s if _step(r) is not None]
-        rows += [r for r in seg if not later or (_step(r) or 0) < min(later)]
-    if not rows:
-        return
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _step(row: dict) -> int | None:
-    try:
-        return int(float(row.get("step") or ""))
-    except ValueError:
-        return None
-
-
 def _publish(
     job: _Job,
     head: AnyHead,
@@ -482,7 +446,7 @@ def _publish(
         meta = _meta(job, fit, train_fs, val_fs, coverage)
         head.eval()
         save_head(head, tmp, meta)
-        _join_segments(job.work, tmp / "metrics.csv")
+        join_segments(job.work, tmp / "metrics.csv")
     shutil.rmtree(job.work, ignore_errors=True)
     log.info("trained %s in %.0f s: %s", job.out.name, fit.seconds,
              json.dumps(meta["final_metrics"]))  # fmt: skip
