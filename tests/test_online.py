@@ -187,7 +187,8 @@ def test_router_options_are_checked(tiny64, trained3):
 
 
 @pytest.mark.parametrize(
-    "routing,options", [("hedge", {}), ("hedge", {"choose": "argmax"}), ("bandit", {})]
+    "routing,options",
+    [("hedge", {"choose": "sample"}), ("hedge", {"choose": "argmax"}), ("bandit", {})],
 )
 def test_online_routers_sampling_is_lossless(tiny64, trained3, routing, options):
     from tests.test_engine_sampling_e2e import joint_test

@@ -26,9 +26,7 @@ from taps.report.rows import load_rows, rows_of
 from taps.study.findings import Comparison, grade, grade_all
 from taps.study.paper import STUDIES
 from taps.study.variants import BENCHES
-from tests.helpers import experiment_script
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, experiment_script
 
 
 def _compose(overrides: list[str], hydra: bool = False):
