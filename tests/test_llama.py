@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from taps.engine.tree import chain_tree, verification_inputs
+from taps.models.llama import one_query_attention
 
 
 def hf_copy(model) -> LlamaForCausalLM:
@@ -99,3 +101,16 @@ def test_qwen_adapter_matches_transformers(family):
     x = torch.randint(0, 300, (1, 17))
     with torch.no_grad():
         assert (ours.logits(ours(x)) - ref(x).logits).abs().max() < 1e-4
+
+
+def test_one_query_attention_equals_sdpa():
+    """The written-out path of batched one-token decoding (grouped heads, bool mask) is SDPA's
+    attention; a wrong head grouping or mask broadcast fails here."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 1, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(3, 1, 1, 5, generator=g) > 0.4
+    mask[..., 0] = True
+    for m in (mask, None):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(one_query_attention(q, k, v, m), want)

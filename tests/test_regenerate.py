@@ -8,13 +8,17 @@ import torch
 from taps.data.conversations import Conversation
 from taps.data.template import prompt_ids
 from taps.engine.decoder import vanilla_generate
+from taps.models.llama import KVCache
 from taps.models.target import tiny_random
 from taps.training import regenerate as regen_mod
 from taps.training.regenerate import cached_regeneration, generate_batch
 
 
-def test_batched_generation_matches_unbatched(cache_dir):
+def test_batched_generation_matches_unbatched(cache_dir, monkeypatch):
     target = tiny_random(cache_dir, dtype="float64")
+    kept = []  # the batch rows kept at each compaction
+    select = KVCache.select_rows
+    monkeypatch.setattr(KVCache, "select_rows", lambda c, r: kept.append(len(r)) or select(c, r))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
     max_new = [9, 4, 12, 6]
@@ -25,6 +29,7 @@ def test_batched_generation_matches_unbatched(cache_dir):
         want = vanilla_generate(target.model, p, n, eos).tokens
         assert out == [t for t in want if t not in eos]
     assert len(got[2]) == free.index(free[5])  # stopped there; the stop token is not kept
+    assert kept == [3, 1]  # rows left as they finished: max_new 4; then prompt 2 and max_new 6
 
 
 def test_regeneration_rewrites_assistant_turns_and_caches(tmp_path, cache_dir, monkeypatch):

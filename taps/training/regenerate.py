@@ -25,14 +25,17 @@ from taps.paths import content_key, read_verified_text, write_verified_text
 
 log = logging.getLogger(__name__)
 
-REGEN_VERSION = "regen-v1"
+# v2: finished rows leave the batch (other matmul shapes: bf16 outputs may differ from v1).
+REGEN_VERSION = "regen-v2"
 
 
 @torch.no_grad()
 def generate_batch(
     model: Llama, prompts: list[list[int]], max_new: list[int], eos: set[int], pad: int = 0
 ) -> list[list[int]]:
-    """Greedy continuations (without the stop token) of several prompts in one batch."""
+    """Greedy continuations (without the stop token) of several prompts in one batch. Rows
+    that finish leave the batch (their cache rows are dropped once a quarter of the batch is
+    done), so a long answer no longer makes every finished row pay for its steps."""
     b, width, steps = len(prompts), max(map(len, prompts)), max(max_new)
     dev = model.lm_head.weight.device
     pads = torch.tensor([width - len(p) for p in prompts], device=dev)
@@ -48,17 +51,23 @@ def generate_batch(
     pos = (torch.arange(width, device=dev)[None] - pads[:, None]).clamp(min=0)
     h = model(x, pos, cache, mask[:, None])
     out: list[list[int]] = [[] for _ in range(b)]
+    rows = torch.arange(b, device=dev)  # the prompt each live batch row belongs to
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     limit = torch.tensor(max_new, device=dev)
     stop = torch.tensor(sorted(eos), device=dev)
     for step in range(steps):
         tok = model.logits(h[:, -1]).argmax(-1)
         done |= torch.isin(tok, stop)
-        for r in (~done).nonzero().flatten().tolist():
-            out[r].append(int(tok[r]))
-        done |= torch.tensor([len(o) for o in out], device=dev) >= limit
+        for i in (~done).nonzero().flatten().tolist():
+            out[int(rows[i])].append(int(tok[i]))
+        done |= torch.tensor([len(out[r]) for r in rows.tolist()], device=dev) >= limit
         if bool(done.all()):
             break
+        if 4 * int(done.sum()) >= len(rows):
+            live = (~done).nonzero().flatten()
+            cache.select_rows(live)
+            rows, tok, pads, real, limit = (t[live] for t in (rows, tok, pads, real, limit))
+            done = done[live]
         pos = (width + step - pads)[:, None]
         h = model(tok[:, None], pos, cache, real[:, None, None, : width + step + 1])
     return out
