@@ -25,7 +25,8 @@ from taps.paths import content_key, read_verified_text, write_verified_text
 
 log = logging.getLogger(__name__)
 
-# v2: finished rows leave the batch (other matmul shapes: bf16 outputs may differ from v1).
+# v2: finished rows leave the batch and one-token steps use written-out attention (other
+# kernels and shapes: bf16 outputs may differ from v1's).
 REGEN_VERSION = "regen-v2"
 
 
@@ -58,9 +59,10 @@ def generate_batch(
     for step in range(steps):
         tok = model.logits(h[:, -1]).argmax(-1)
         done |= torch.isin(tok, stop)
+        owners = rows.tolist()
         for i in (~done).nonzero().flatten().tolist():
-            out[int(rows[i])].append(int(tok[i]))
-        done |= torch.tensor([len(out[r]) for r in rows.tolist()], device=dev) >= limit
+            out[owners[i]].append(int(tok[i]))
+        done |= torch.tensor([len(out[r]) for r in owners], device=dev) >= limit
         if bool(done.all()):
             break
         if 4 * int(done.sum()) >= len(rows):
