@@ -1,10 +1,11 @@
 """Training throughput of a draft head on SmolLM2 features, per objective and vocabulary.
 
-    python experiments/train_throughput.py [--steps 40] [--vocab 8192] [--eagle3-only]
+    python experiments/train_throughput.py [--steps 40] [--vocab 8192] [--eagle3-only] [--examples N]
 
 Runs EAGLE-2 and HASS steps (full and draft vocabulary), then EAGLE-3 steps at several
-training-time-test depths, with features read from the cache and computed online by the frozen
-target per batch (data.features=online). AdamW, batch 4 of the real data, bf16 autocast where
+training-time-test depths, with features read from the cache (the target's argmax as the feature
+pass stored it, and, as a baseline, computed every step from f_next) and computed online by the
+frozen target per batch (data.features=online). AdamW, batch 4 of the real data, bf16 autocast where
 bf16 is native (as trainer.precision=auto does), one process. Prints tokens/s, the ratio to
 EAGLE-2 with the full vocabulary and the peak memory of each (process RSS above the level
 before). Features come from the cache (computed once for data=mathinstruct if missing; the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,16 +73,20 @@ def measure(
     return tokens / (time.perf_counter() - t0), mem.peak_mb
 
 
-def _features(target: Target, cfg, aux: tuple[int, ...]) -> tuple[FeatureSet, FeatureSet]:
-    """(cached features, the same data as tokens only for online features)."""
+def _features(
+    target: Target, cfg, aux: tuple[int, ...], examples: int | None
+) -> tuple[FeatureSet, FeatureSet]:
+    """(cached features, the same data as tokens only for online features); `examples`: the
+    first N training examples only (a shorter feature pass)."""
     split = build_mixture(
         select_budget(cfg.data.components, cfg.data.budget), default_data_dir(), 42,
         cfg.data.holdout,
     )  # fmt: skip
+    train = split.train[:examples] if examples else split.train
     compute = resolve_dtype(cfg.data.feature_compute_dtype, target.device)
-    fs = cached_features(target, split.train, default_cache_dir(), cfg.data.max_len, "bfloat16",
+    fs = cached_features(target, train, default_cache_dir(), cfg.data.max_len, "bfloat16",
                          "features/train", compute, aux)  # fmt: skip
-    return fs, token_set(target, split.train, cfg.data.max_len)
+    return fs, token_set(target, train, cfg.data.max_len)
 
 
 def _table(rows: list[tuple]) -> None:
@@ -102,6 +108,7 @@ def main() -> None:
     ap.add_argument("--eagle3-only", action="store_true")
     ap.add_argument("--mmap-mb", type=float, help="own mapping for allocations >= this (glibc)")
     ap.add_argument("--no-online", action="store_true")
+    ap.add_argument("--examples", type=int, help="first N training examples (default: all)")
     args = ap.parse_args()
     if args.mmap_mb:
         print(f"heap growth limited: {limit_heap_growth(int(args.mmap_mb * 2**20))}")
@@ -110,7 +117,7 @@ def main() -> None:
         cfg = compose("config", [f"data={args.data}"])
     target = load_smollm2(default_cache_dir())
     aux = default_aux_layers(target.model.config.num_hidden_layers)
-    fs, tokens = _features(target, cfg, aux)
+    fs, tokens = _features(target, cfg, aux, args.examples)
     disk = Path(fs.features.path).stat().st_size
     bf16 = resolve_precision("auto") == "bf16-mixed"
     print(f"autocast bf16: {bf16}; threads {torch.get_num_threads()}")
@@ -120,7 +127,7 @@ def main() -> None:
     print(f"draft vocabulary {args.vocab}: covers {100 * cov:.2f}% of response tokens")
     rows = []
     if not args.eagle3_only:
-        f2 = _features(target, cfg, ())[0]
+        f2 = _features(target, cfg, (), args.examples)[0]
         for name, objective in [("eagle2", Eagle2Objective()), ("hass", HassObjective())]:
             for vocab, m in [("full", None), (str(args.vocab), d2t)]:
                 rows.append(
@@ -128,8 +135,10 @@ def main() -> None:
                 )
     compute = resolve_dtype(cfg.data.feature_compute_dtype, target.device)
     online = OnlineFeatures(target, aux, "bfloat16", compute)
+    per_step = replace(fs, target_argmax=None)  # the baseline: argmax(W f) every step
     for steps in [int(x) for x in args.ttt.split(",")]:
-        modes = [("cached", fs, None), ("online", tokens, online)][: 1 if args.no_online else 2]
+        modes = [("cached", fs, None), ("cached, argmax per step", per_step, None),
+                 ("online", tokens, online)][: 2 if args.no_online else 3]  # fmt: skip
         for feats, source, mode in modes:
             tps, mb = measure(target, source, Eagle3Objective(steps), d2t, args.steps, bf16, mode)
             rows.append((f"eagle3 (TTT {steps})", str(args.vocab), feats, tps, mb))

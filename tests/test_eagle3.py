@@ -85,6 +85,48 @@ def test_positions_outside_the_draft_vocabulary_are_masked(tiny64):
     assert keep[:real].tolist() == [bool((head.d2t == t).any()) for t in full.tolist()]
     assert not keep[real:].any()  # padding rows never count
     assert 0 < int(keep.sum()) < len(keep)  # both kinds occur in this batch
+    top = (f_next @ head.lm_head_full.T).argmax(-1)  # as the feature pass stores it
+    assert torch.equal(draft_targets(head, f_next, rows, top)[1], keep)
+
+
+def _convs(k: int = 4) -> list:
+    from taps.data.conversations import Conversation
+
+    return [Conversation(({"role": "user", "content": f"What is {i}+{i}? Say it twice."},
+                          {"role": "assistant", "content": f"It is {2 * i}. " * (i + 3) + "Done, bye."}),
+                         "t", str(i)) for i in range(k)]  # fmt: skip
+
+
+def test_feature_pass_stores_the_targets_argmax_for_eagle3_only(tiny64, tmp_path):
+    """EAGLE-3 feature entries hold argmax(W f) at every position, computed once instead of
+    every training step; EAGLE-2's entries (and keys) stay as they were."""
+    from taps.training.features import cached_features, compute_features
+
+    fs = compute_features(tiny64, _convs(), 256, "float64", aux_layers=AUX)
+    full = (fs.features @ tiny64.model.lm_head.weight.T).argmax(-1)
+    assert fs.target_argmax.dtype == torch.int32 and torch.equal(fs.target_argmax.long(), full)
+    assert len(set(full.tolist())) > 5  # a position shift would not go unnoticed
+    cached = cached_features(tiny64, _convs(), tmp_path, 256, "float64", aux_layers=AUX)
+    assert torch.equal(cached.target_argmax, fs.target_argmax)
+    assert cached_features(tiny64, _convs(), tmp_path, 256, "float64").target_argmax is None
+    assert compute_features(tiny64, _convs(), 256, "float64").target_argmax is None
+
+
+def test_stored_argmax_trains_exactly_as_the_argmax_computed_per_step(tiny64):
+    """The pairs carry the argmax at f_next's position (t+1): the loss equals the one that
+    computes it from f_next, and a pair whose argmax is off by one position does not."""
+    from taps.training.datamodule import PairDataset, collate
+    from taps.training.features import compute_features
+
+    fs = compute_features(tiny64, _convs(), 256, "float64", aux_layers=AUX)
+    b = collate([PairDataset(fs)[i] for i in range(len(fs))])
+    head = eagle3(tiny64)
+    args = (head, b["f_in"], b["tokens"], b["f_next"], b["mask"], 3, 0.8)
+    want, _ = eagle3_loss(*args)
+    got, _ = eagle3_loss(*args, b["top"])
+    assert torch.allclose(got, want, atol=1e-12)
+    shifted, _ = eagle3_loss(*args, torch.roll(b["top"], 1, dims=1))
+    assert not torch.allclose(shifted, want, atol=1e-6)
 
 
 def test_ttt_step_k_equals_inference_drafting_at_depth_k(tiny64):
@@ -290,5 +332,7 @@ def test_online_features_train_the_same_pairs_without_a_cache(tmp_path, cache_di
     got = online([PairDataset(token_set(target, convs, 64))[i] for i in range(3)])
     for k in ("tokens", "mask"):
         assert torch.equal(got[k], want[k]), k
+    agree = (got["top"] == want["top"])[want["mask"].bool()].float().mean()
+    assert agree > 0.9  # the target's argmax; differently batched bf16 can flip near-ties
     for k in ("f_in", "f_next"):  # equal up to bf16 rounding of differently batched matmuls
         assert torch.allclose(got[k].float(), want[k].float(), atol=2e-2, rtol=2e-2), k

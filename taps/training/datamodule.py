@@ -1,5 +1,6 @@
 """Training pairs from cached features: input (f_t, x_{t+1}), target f_{t+1}, mask[t+1].
-For EAGLE-3 heads the input features are the auxiliary layers at t (FeatureSet.aux).
+For EAGLE-3 heads the input features are the auxiliary layers at t (FeatureSet.aux), and the
+pairs carry `top`, the target's argmax at t+1 (its loss mask's "is the target's token drafted").
 
 The mask is shifted together with the target (the reference code did not, leaving the first
 assistant position unsupervised): position t is trained when x_{t+1} is an assistant token,
@@ -29,7 +30,11 @@ class PairDataset(Dataset):
             return {"ids": self.fs.input_ids[a:b], "mask": self.fs.loss_mask[a:b]}
         ids, f, m = self.fs.example(i)
         f_in = f if self.fs.aux is None else self.fs.inputs(i)
-        return {"f_in": f_in[:-1], "tokens": ids[1:], "f_next": f[1:], "mask": m[1:]}
+        pair = {"f_in": f_in[:-1], "tokens": ids[1:], "f_next": f[1:], "mask": m[1:]}
+        if self.fs.target_argmax is not None:
+            a, b = int(self.fs.offsets[i]), int(self.fs.offsets[i + 1])
+            pair["top"] = self.fs.target_argmax[a + 1 : b].long()
+        return pair
 
 
 SEQ_BUCKET = 32
@@ -47,6 +52,8 @@ def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         "tokens": torch.zeros(len(batch), n, dtype=torch.long),
         "mask": torch.zeros(len(batch), n, dtype=torch.uint8),
     }
+    if "top" in batch[0]:
+        out["top"] = torch.zeros(len(batch), n, dtype=torch.long)
     for r, b in enumerate(batch):
         k = len(b["tokens"])
         for name in out:
@@ -66,13 +73,15 @@ class OnlineCollate:
         ids = torch.zeros(len(batch), n, dtype=torch.long)
         for r, b in enumerate(batch):
             ids[r, : len(b["ids"])] = b["ids"]
-        f, aux = self.features(ids)
+        f, aux, top = self.features(ids)
         f_in = f if aux is None else aux
         pairs = []
         for r, b in enumerate(batch):
             k = len(b["ids"])
             pairs.append({"f_in": f_in[r, : k - 1], "tokens": b["ids"][1:],
                           "f_next": f[r, 1:k], "mask": b["mask"][1:]})  # fmt: skip
+            if top is not None:
+                pairs[-1]["top"] = top[r, 1:k].long()
         return collate(pairs)
 
 

@@ -57,10 +57,13 @@ def _wide(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def draft_targets(head: Eagle3Head, f_next: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+def draft_targets(
+    head: Eagle3Head, f_next: Tensor, rows: Rows, top: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(p [R, V_draft], keep [R]) at the rows (`supervised(mask)`): the target's distribution
     over the draft vocabulary (renormalised), and whether the row is real and its
-    full-vocabulary argmax is drafted."""
+    full-vocabulary argmax is drafted. `top` [B, n]: that argmax as the feature pass stored
+    it; None computes it here (a 49k-way matmul per row: a fifth of a TTT-3 step's FLOPs)."""
     with torch.no_grad():
         f = rows.of(f_next).to(head.target_head_weight.dtype)
         p = torch.softmax(_wide(f @ head.target_head_weight.T), dim=-1)
@@ -69,10 +72,12 @@ def draft_targets(head: Eagle3Head, f_next: Tensor, rows: Rows) -> tuple[Tensor,
             return p, real
         in_vocab = torch.zeros(head.lm_head_full.shape[0], dtype=torch.bool, device=f.device)
         in_vocab[head.d2t] = True
+        if top is not None:
+            return p, in_vocab[rows.of(top)] & real
         # The full-vocabulary argmax in chunks: [M, 49k] logits at once is the step's largest
         # tensor (hundreds of MB for a batch of long sequences), and only its argmax is needed.
-        top = torch.cat([(c @ head.lm_head_full.T).argmax(-1) for c in f.split(256)])
-        return p, in_vocab[top] & real
+        full = torch.cat([(c @ head.lm_head_full.T).argmax(-1) for c in f.split(256)])
+        return p, in_vocab[full] & real
 
 
 def eagle3_loss(
@@ -83,12 +88,14 @@ def eagle3_loss(
     mask: Tensor,
     steps: int,
     decay: float,
+    top: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """sum_k decay^k * CE_k over TTT steps; metrics per step (token loss, top-1 agreement with
-    the target's full-vocabulary argmax, out-of-vocabulary positions counting as misses)."""
+    the target's full-vocabulary argmax, out-of-vocabulary positions counting as misses).
+    `top` [B, n]: the target's argmax at f_next, if the features hold it (`draft_targets`)."""
     rows = supervised(mask)
     count = rows.count
-    p, keep = draft_targets(head, f_next, rows)
+    p, keep = draft_targets(head, f_next, rows, top)
     want = p.argmax(-1)
     total = torch.zeros((), device=aux.device)
     metrics: dict[str, Tensor] = {}

@@ -4,7 +4,10 @@ One target forward per conversation gives f_t (after the final norm) at every po
 store input_ids, f (bfloat16 by default) and the assistant loss mask; logits are W f, so they
 are recomputed in training rather than stored. For EAGLE-3 drafters the same pass also keeps
 the hidden streams entering the auxiliary layers (`aux_layers`), concatenated: [total, k h];
-they are stored only for drafters that read them, and their ids enter the cache key.
+they are stored only for drafters that read them, and their ids enter the cache key. Those
+entries also store the target's own full-vocabulary argmax at every position: EAGLE-3's loss
+mask needs it every step, and a 49k-way matmul per supervised row per epoch cost more than
+computing it once here.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class FeatureSet:
     offsets: torch.Tensor  # [examples + 1]
     meta: dict
     aux: torch.Tensor | RowFile | None = None  # [total, k h]: EAGLE-3's layers, concatenated
+    target_argmax: torch.Tensor | None = None  # [total] int32, argmax(W f): stored with aux
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -77,7 +81,8 @@ def features_key(
         dtype,
         compute_dtype,
         ids,
-        *([["aux_layers", list(aux_layers)]] if aux_layers else []),  # EAGLE-2 keys unchanged
+        # EAGLE-2 keys unchanged; EAGLE-3 entries also hold the target's argmax
+        *([["aux_layers", list(aux_layers)], "target_argmax"] if aux_layers else []),
     )
 
 
@@ -134,11 +139,14 @@ class _Memory:
     def __init__(self, total: int, width: int, aux_width: int, dtype: torch.dtype) -> None:
         self.features = torch.empty(total, width, dtype=dtype)
         self.aux = torch.empty(total, aux_width, dtype=dtype) if aux_width else None
+        self.top = torch.empty(total, dtype=torch.int32) if aux_width else None
 
-    def write(self, first: int, f: torch.Tensor, aux: torch.Tensor | None) -> None:
+    def write(self, first: int, f: torch.Tensor, aux: torch.Tensor | None,
+              top: torch.Tensor | None) -> None:  # fmt: skip
         self.features[first : first + len(f)] = f
         if self.aux is not None:
             self.aux[first : first + len(f)] = aux
+            self.top[first : first + len(f)] = top  # type: ignore[index]
 
 
 class _File:
@@ -147,10 +155,12 @@ class _File:
     def __init__(self, writer: RowWriter) -> None:
         self.writer = writer
 
-    def write(self, first: int, f: torch.Tensor, aux: torch.Tensor | None) -> None:
+    def write(self, first: int, f: torch.Tensor, aux: torch.Tensor | None,
+              top: torch.Tensor | None) -> None:  # fmt: skip
         self.writer.write("features", first, f)
         if aux is not None:
             self.writer.write("aux", first, aux)
+            self.writer.write("target_argmax", first, top)
 
 
 @dataclass
@@ -251,13 +261,25 @@ class OnlineFeatures:
         self.device = target.device
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ids [B, n] (right-padded) -> (f [B, n, h], auxiliary layers [B, n, k h] or None)."""
+    def __call__(
+        self, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """ids [B, n] (right-padded) -> (f [B, n, h], auxiliary layers [B, n, k h] and the
+        target's argmax [B, n], both None without auxiliary layers)."""
         states = self.model.states(ids.to(self.device), capture=self.aux_layers)
         f = states.final.to(self.dtype).cpu()
         if not f.isfinite().all():
             raise FloatingPointError("the target computed non-finite features in a training batch")
-        return f, _concat(states.layers, self.aux_layers, self.dtype)
+        top = target_argmax(self.model, states.final).cpu() if self.aux_layers else None
+        return f, _concat(states.layers, self.aux_layers, self.dtype), top
+
+
+def target_argmax(model: torch.nn.Module, final: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """argmax(W f) [...] (int32) of the target's final states [..., h], in row chunks: the
+    full [rows, vocab] logits of a 4096-token batch would be the pass's largest tensor."""
+    rows = final.reshape(-1, final.shape[-1])
+    top = torch.cat([model.logits(c).argmax(-1) for c in rows.split(chunk)])
+    return top.to(torch.int32).reshape(final.shape[:-1])
 
 
 def compute_features(
@@ -280,7 +302,7 @@ def compute_features(
                      batch_tokens)  # fmt: skip
     t = plan.tensors()
     return FeatureSet(t["input_ids"], sink.features, t["loss_mask"], t["offsets"],
-                      {**meta, "max_len": max_len}, sink.aux)  # fmt: skip
+                      {**meta, "max_len": max_len}, sink.aux, sink.top)  # fmt: skip
 
 
 def _forward_all(
@@ -311,6 +333,7 @@ def _forward_all(
         states = model.states(x.to(device), capture=aux_layers)
         f = states.final.to(dtype).cpu()
         a = _concat(states.layers, aux_layers, dtype)
+        top = target_argmax(model, states.final).cpu() if aux_layers else None
         for r, j in enumerate(batch):
             n = len(ids[j])
             fr, ar = f[r, :n], None if a is None else a[r, :n]
@@ -320,7 +343,7 @@ def _forward_all(
                     f"the target computed non-finite features for training sequence {j} "
                     f"({n} tokens): its weights may be damaged, or {dtype} overflows"
                 )
-            sink.write(offsets[j], fr, ar)
+            sink.write(offsets[j], fr, ar, None if top is None else top[r, :n])
         bar.update(sum(len(ids[j]) for j in batch))
         i += rows
 
@@ -353,11 +376,12 @@ def cached_features(
                                    desc, compute_dtype, aux_layers)  # fmt: skip
     verify_entry(path, "cached target features")  # every byte as computed, or an error
     f = path / "features.safetensors"
-    small = safe_open_small(f, ("input_ids", "loss_mask", "offsets"))
+    names = ("input_ids", "loss_mask", "offsets") + (("target_argmax",) if aux_layers else ())
+    small = safe_open_small(f, names)
     meta = json.loads((path / "meta.json").read_text())
     aux = RowFile(f, "aux") if aux_layers else None
     return FeatureSet(small["input_ids"], RowFile(f, "features"), small["loss_mask"],
-                      small["offsets"], meta, aux)  # fmt: skip
+                      small["offsets"], meta, aux, small.get("target_argmax"))  # fmt: skip
 
 
 def safe_open_small(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -383,6 +407,7 @@ def _compute_and_store(
     specs = {"input_ids": (torch.long, (plan.total,)), "features": (dtype, (plan.total, h))}
     if aux_layers:
         specs["aux"] = (dtype, (plan.total, h * len(aux_layers)))
+        specs["target_argmax"] = (torch.int32, (plan.total,))
     specs |= {
         "loss_mask": (torch.uint8, (plan.total,)),
         "offsets": (torch.long, (len(plan.ids) + 1,)),

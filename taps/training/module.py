@@ -53,7 +53,8 @@ class DraftModule(L.LightningModule):
             # Uniform input noise, not scaled by sequence length (a reference-code mistake).
             f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * self.noise
         objective = self.stage1_objective if self._first_stage() else self.objective
-        return objective(self.head, f_in, batch["tokens"], batch["f_next"], batch["mask"])
+        return objective(self.head, f_in, batch["tokens"], batch["f_next"], batch["mask"],
+                         batch.get("top"))  # fmt: skip
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
         loss, m = self._step(batch, train=True)

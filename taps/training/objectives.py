@@ -29,9 +29,16 @@ from taps.training.losses import LossWeights, eagle_loss
 
 class Objective(Protocol):
     def __call__(
-        self, head: DraftHead, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor
+        self,
+        head: DraftHead,
+        f_in: Tensor,
+        tokens: Tensor,
+        f_next: Tensor,
+        mask: Tensor,
+        top: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """(loss, metrics) for a batch: f_in, f_next [B, n, h]; tokens, mask [B, n]."""
+        """(loss, metrics) for a batch: f_in, f_next [B, n, h]; tokens, mask [B, n]; top [B, n]
+        the target's argmax at f_next where the features hold it (EAGLE-3's), else None."""
         ...
 
     def first_stage(self) -> Objective:
@@ -49,7 +56,13 @@ class Eagle2Objective:
         return LossWeights(self.feature_weight, self.token_weight)
 
     def __call__(
-        self, head: DraftHead, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor
+        self,
+        head: DraftHead,
+        f_in: Tensor,
+        tokens: Tensor,
+        f_next: Tensor,
+        mask: Tensor,
+        top: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         g = head(f_in, tokens)
         return eagle_loss(g, f_next, mask, head.lm_head_weight, self.weights)
@@ -72,7 +85,13 @@ class HassObjective(Eagle2Objective):
         return HassConfig(self.steps, self.topk, self.topk_weight)
 
     def __call__(
-        self, head: DraftHead, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor
+        self,
+        head: DraftHead,
+        f_in: Tensor,
+        tokens: Tensor,
+        f_next: Tensor,
+        mask: Tensor,
+        top: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         return hass_loss(head, f_in, tokens, f_next, mask, self.weights, self.hass)
 
@@ -91,11 +110,17 @@ class Eagle3Objective:
             raise ValueError(f"drafter.ttt_steps={self.steps} must be >= 1, decay in (0, 1]")
 
     def __call__(
-        self, head: Eagle3Head, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor
+        self,
+        head: Eagle3Head,
+        f_in: Tensor,
+        tokens: Tensor,
+        f_next: Tensor,
+        mask: Tensor,
+        top: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if not isinstance(head, Eagle3Head):
             raise TypeError("Eagle3Objective trains an EAGLE-3 head (drafter.kind=eagle3)")
-        return eagle3_loss(head, f_in, tokens, f_next, mask, self.steps, self.decay)
+        return eagle3_loss(head, f_in, tokens, f_next, mask, self.steps, self.decay, top)
 
     def first_stage(self) -> Objective:
         raise ValueError("drafter.two_stage applies to HassObjective; Eagle3Objective has none")
