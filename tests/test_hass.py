@@ -187,3 +187,8 @@ def test_rollout_metrics_chain_acceptance(monkeypatch):
     assert m["top1_d1"] == 1 and m["top1_d2"] == 0.5 and abs(m["top1_d3"] - 1 / 6) < 1e-9
     # Chains from s = 0..5 accept 2, 3, 2, 1, 1, 1 tokens.
     assert abs(float(m["sim_tau"]) - (1 + 10 / 6)) < 1e-6
+    # The target's argmax as EAGLE-3 features store it gives the same metrics; another does not.
+    mask = torch.ones(1, n)
+    assert metrics_mod.rollout_metrics(Head(), None, None, f_next, mask, 3, want[None]) == m
+    other = metrics_mod.rollout_metrics(Head(), None, None, f_next, mask, 3, want[None] + 1)
+    assert other["top1_d1"] < 1

@@ -29,12 +29,22 @@ def rollout(head: AnyHead, f_in: Tensor, tokens: Tensor, depth: int) -> list[Ten
 
 @torch.no_grad()
 def rollout_metrics(
-    head: AnyHead, f_in: Tensor, tokens: Tensor, f_next: Tensor, mask: Tensor, depth: int
+    head: AnyHead,
+    f_in: Tensor,
+    tokens: Tensor,
+    f_next: Tensor,
+    mask: Tensor,
+    depth: int,
+    top: Tensor | None = None,
 ) -> dict[str, Tensor]:
+    """`top` [B, n]: the target's argmax at f_next where the features store it (EAGLE-3's);
+    None computes it from f_next."""
     sel = mask.bool()
     count = sel.sum().clamp(min=1)
-    fs = f_next[sel].to(head.lm_head_full.dtype)
-    want = (fs @ head.lm_head_full.T).argmax(-1)
+    if top is not None:
+        want = top[sel]
+    else:
+        want = (f_next[sel].to(head.lm_head_full.dtype) @ head.lm_head_full.T).argmax(-1)
     n = sel.shape[1]
     run = sel.clone()
     accepted = torch.zeros((), device=sel.device)

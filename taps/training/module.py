@@ -71,9 +71,8 @@ class DraftModule(L.LightningModule):
         token = m["token_loss"] if "token_loss" in m else m["step1/token_loss"]
         self.log_dict({"val/loss": m["loss"], "val/token_loss": token}, batch_size=n)
         f_in = batch["f_in"].to(self.head.fc.weight.dtype)
-        roll = rollout_metrics(
-            self.head, f_in, batch["tokens"], batch["f_next"], batch["mask"], self.val_depth
-        )
+        roll = rollout_metrics(self.head, f_in, batch["tokens"], batch["f_next"], batch["mask"],
+                               self.val_depth, batch.get("top"))  # fmt: skip
         bar = {"val/top1_d1", "val/sim_tau"}
         for k, v in roll.items():
             self.log(f"val/{k}", v, batch_size=n, prog_bar=f"val/{k}" in bar)
