@@ -4,6 +4,8 @@ prompts in one process (issue 7):
   (a) transformers `generate`, greedy or sampling      (b) transformers prompt-lookup decoding
   (c) our vanilla decoding                              (d) ours, speculative: single, confidence,
                                                             merged trees
+  (e) `oracle`: the target drafting for itself on the same tree, whose tau is the ceiling of any
+      drafter there; results.md then says what each method would reach with a drafter that good
 
     python experiments/speed.py [hydra overrides ...]   # conf/speed.yaml: experiment=speed
     python experiments/speed.py bench.limit=3 max_new_tokens=64 'speed.methods=[ours_vanilla,single]'
@@ -31,6 +33,7 @@ from taps.combine import strategy
 from taps.config import CONF_DIR, compose_option
 from taps.data.drafters import drafter_data
 from taps.engine.decoder import SpeculativeDecoder
+from taps.engine.oracle import OracleDrafter
 from taps.models.draft_head import DraftHead, with_full_vocab
 from taps.models.precision import cast_for_serving
 from taps.models.target import Target, convert_gguf, smollm2_gguf_path
@@ -43,6 +46,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 HF = ("hf_generate", "hf_prompt_lookup")
+# The target drafting for itself on the same tree: its tau is the ceiling of any drafter there
+# (taps/engine/oracle.py); its tokens/s mean nothing (a target forward per tree level).
+ORACLE = "oracle"
 
 
 def hf_model(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
@@ -88,10 +94,10 @@ def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
     """Our methods named in speed.methods (vanilla, speculative strategies) and the decoders;
     each speculative method decodes with the routing config speed.strategies names."""
     names, known = list(cfg.speed.methods), dict(cfg.speed.strategies)
-    unknown = [m for m in names if m not in (*HF, speed.VANILLA, *known)]
+    unknown = [m for m in names if m not in (*HF, speed.VANILLA, ORACLE, *known)]
     if unknown:
         raise ValueError(f"speed.methods: unknown {unknown}; known: "
-                         f"{[*HF, speed.VANILLA, *known]}")  # fmt: skip
+                         f"{[*HF, speed.VANILLA, ORACLE, *known]}")  # fmt: skip
     spec = instantiate(cfg.tree)
     wanted = {m: strategy(instantiate(routing_config(m, known[m]))) for m in names if m in known}
     heads = load_heads(cfg, target, any(s.combines for s in wanted.values())) if wanted else {}
@@ -106,8 +112,27 @@ def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
             target.model, combine(use, spec), target.eos_ids,
             lazy_logits_from=cfg.eval.lazy_logits_from,
         )  # fmt: skip
+    if ORACLE in names:
+        oracle = OracleDrafter(target.model, spec)
+        decoders[f"ours_spec_{ORACLE}"] = SpeculativeDecoder(target.model, oracle, target.eos_ids)
     methods = speed.our_methods(target.model, decoders, target.eos_ids, float(cfg.temperature))
     return {k: v for k, v in methods.items() if k.removeprefix("ours_spec_") in names}, decoders
+
+
+def ceiling(rows: dict) -> dict:
+    """Per speculative method, with the oracle measured: its speedup over our vanilla loop
+    scaled by the oracle's tau over its own, i.e. what a drafter as good as the target
+    itself would give at that method's measured cycle cost (drafting, verifying, overhead)."""
+    oracle = rows.get(f"ours_spec_{ORACLE}")
+    if oracle is None:
+        return {}
+    return {
+        n: {"tau": r["tau"], "oracle_tau": oracle["tau"],
+            "vs_ours_vanilla": round(r["vs_ours_vanilla"] * oracle["tau"] / r["tau"], 2)}
+        for n, r in rows.items()
+        if n.startswith("ours_spec_") and n != f"ours_spec_{ORACLE}" and r.get("tau")
+        and r.get("vs_ours_vanilla") is not None
+    }  # fmt: skip
 
 
 def markdown(summary: dict) -> str:
@@ -124,6 +149,10 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {n} | {1e3 * c['step_s']:.1f} | {1e3 * c['draft_s']:.1f} | "
                          f"{1e3 * c['verify_s']:.1f} | {c['tree_tokens']} | "
                          f"{c['ideal_speedup_vs_vanilla']:.2f} |")  # fmt: skip
+    for name, c in (summary.get("ceiling") or {}).items():
+        lines.append(f"\n{name}: tau {c['tau']} of the oracle's {c['oracle_tau']} on the same "
+                     f"tree; at its own cycle cost, drafting as well as the target would give "
+                     f"{c['vs_ours_vanilla']}x our vanilla loop")  # fmt: skip
     paired = summary.get("paired")
     if paired:
         ref, n = paired["ref"], paired["prompts"]
@@ -148,7 +177,7 @@ def plot(summary: dict, path: Path) -> Path:
         a.text(tps[y], y, f" {rows[n].get('vs_hf_generate', '')}x", va="center", fontsize=8)
     a.invert_yaxis()
     a.set_xlabel("tokens/s (median over prompts; label: speedup vs transformers generate)")
-    spec = [n for n in names if "ms_per_cycle" in rows[n]]
+    spec = [n for n in names if "ms_per_cycle" in rows[n] and not n.endswith(ORACLE)]
     step = 1e3 / rows["ours_vanilla"]["tokens_per_s"] if "ours_vanilla" in rows else None
     left = [0.0] * len(spec)
     for phase in ("draft", "verify", "accept", "commit"):
@@ -204,8 +233,11 @@ def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
     summary = speed.speed_summary(records, float(cfg.temperature), ref)
     summary.update(bench=cfg.bench.benchmarks[0], threads=torch.get_num_threads(),
                    device=str(dev), dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    summary["ceiling"] = ceiling(summary["methods"])
     summary["unit_costs"] = {}
     for n, d in decoders.items():
+        if n == f"ours_spec_{ORACLE}":
+            continue  # its costs are the target's, not a drafter's
         c = speed.unit_costs(d, prompts[0])
         c["ideal_speedup_vs_vanilla"] = round(
             summary["methods"][n]["tau"] * c["step_s"] / (c["draft_s"] + c["verify_s"]), 3

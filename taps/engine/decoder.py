@@ -160,6 +160,8 @@ class SpeculativeDecoder:
             # Online routers score drafters differently when sampling (taps/combine/online.py).
             if hasattr(self.proposer, "set_temperature"):
                 self.proposer.set_temperature(temperature)
+            if hasattr(self.proposer, "set_prompt"):  # the oracle re-reads the whole prompt
+                self.proposer.set_prompt(prompt)
             self.proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), max_len)
         tick("prefill")
         while not done:
