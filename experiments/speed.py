@@ -49,6 +49,7 @@ HF = ("hf_generate", "hf_prompt_lookup")
 # The target drafting for itself on the same tree: its tau is the ceiling of any drafter there
 # (taps/engine/oracle.py); its tokens/s mean nothing (a target forward per tree level).
 ORACLE = "oracle"
+ORACLE_RUN = f"ours_spec_{ORACLE}"  # its name in records and summaries
 
 
 def hf_model(cfg: DictConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
@@ -114,7 +115,7 @@ def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
         )  # fmt: skip
     if ORACLE in names:
         oracle = OracleDrafter(target.model, spec)
-        decoders[f"ours_spec_{ORACLE}"] = SpeculativeDecoder(target.model, oracle, target.eos_ids)
+        decoders[ORACLE_RUN] = SpeculativeDecoder(target.model, oracle, target.eos_ids)
     methods = speed.our_methods(target.model, decoders, target.eos_ids, float(cfg.temperature))
     return {k: v for k, v in methods.items() if k.removeprefix("ours_spec_") in names}, decoders
 
@@ -123,14 +124,14 @@ def ceiling(rows: dict) -> dict:
     """Per speculative method, with the oracle measured: its speedup over our vanilla loop
     scaled by the oracle's tau over its own, i.e. what a drafter as good as the target
     itself would give at that method's measured cycle cost (drafting, verifying, overhead)."""
-    oracle = rows.get(f"ours_spec_{ORACLE}")
+    oracle = rows.get(ORACLE_RUN)
     if oracle is None:
         return {}
     return {
         n: {"tau": r["tau"], "oracle_tau": oracle["tau"],
             "vs_ours_vanilla": round(r["vs_ours_vanilla"] * oracle["tau"] / r["tau"], 2)}
         for n, r in rows.items()
-        if n.startswith("ours_spec_") and n != f"ours_spec_{ORACLE}" and r.get("tau")
+        if n.startswith("ours_spec_") and n != ORACLE_RUN and r.get("tau")
         and r.get("vs_ours_vanilla") is not None
     }  # fmt: skip
 
@@ -177,7 +178,7 @@ def plot(summary: dict, path: Path) -> Path:
         a.text(tps[y], y, f" {rows[n].get('vs_hf_generate', '')}x", va="center", fontsize=8)
     a.invert_yaxis()
     a.set_xlabel("tokens/s (median over prompts; label: speedup vs transformers generate)")
-    spec = [n for n in names if "ms_per_cycle" in rows[n] and not n.endswith(ORACLE)]
+    spec = [n for n in names if "ms_per_cycle" in rows[n] and n != ORACLE_RUN]
     step = 1e3 / rows["ours_vanilla"]["tokens_per_s"] if "ours_vanilla" in rows else None
     left = [0.0] * len(spec)
     for phase in ("draft", "verify", "accept", "commit"):
@@ -236,7 +237,7 @@ def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
     summary["ceiling"] = ceiling(summary["methods"])
     summary["unit_costs"] = {}
     for n, d in decoders.items():
-        if n == f"ours_spec_{ORACLE}":
+        if n == ORACLE_RUN:
             continue  # its costs are the target's, not a drafter's
         c = speed.unit_costs(d, prompts[0])
         c["ideal_speedup_vs_vanilla"] = round(

@@ -24,9 +24,6 @@ class _TargetAsHead:
     (f_t, x_{t+1}) at position t; the target sees x_{t+1} at position t + 1, which differs
     by a constant offset that rotary attention cannot see. The features are ignored."""
 
-    kind = "oracle"
-    aux_layers: tuple[int, ...] = ()
-
     def __init__(self, target: Llama) -> None:
         self.target = target
         self.fc = target.lm_head  # HeadDrafter reads the device and dtype from fc.weight
