@@ -9,7 +9,7 @@ import taps.engine.decoder as decoder_mod
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.engine.tree import DraftTree, verification_inputs
-from taps.engine.verify import NodeLogits, accept_greedy
+from taps.engine.verify import NodeLogits, accept_greedy, argmax_rows
 from taps.models.draft_head import DraftHead
 from tests.helpers import NoisyOracle, TopKOracle
 
@@ -121,3 +121,16 @@ def test_lazy_logits_visit_only_the_walked_nodes(tiny64):
     assert (path, bonus) == accept_greedy(tree, model.logits(h))
     assert path == [0, 1, 3]  # top-1 then top-1: accepted to the bottom of the tree
     assert sorted(lazy.rows) == path  # one LM-head row per visited node, none of the other 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widened_argmax_is_the_half_precision_argmax(dtype):
+    """Acceptance widens half-precision rows before argmax for speed; the choice, ties
+    included (few distinct values: most rows have several maxima), must stay the first
+    maximal index, as the vanilla reference's argmax picks it."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(-4, 4, (64, 49152), generator=g).to(dtype) / 8
+    first = torch.stack([(r == r.max()).nonzero()[0, 0] for r in rows.float()])
+    assert torch.equal(argmax_rows(rows), rows.argmax(-1))
+    assert torch.equal(argmax_rows(rows), first)
+    assert argmax_rows(rows[0]).ndim == 0  # one row in, one index out (the decoder's _pick)

@@ -14,7 +14,13 @@ from torch import Tensor
 
 from taps.engine.stats import CycleStats, Generation
 from taps.engine.tree import DraftTree, verification_inputs
-from taps.engine.verify import NodeLogits, accept_greedy, accept_sampling, target_probs
+from taps.engine.verify import (
+    NodeLogits,
+    accept_greedy,
+    accept_sampling,
+    argmax_rows,
+    target_probs,
+)
 from taps.models.heads import AnyHead
 from taps.models.linear import fast_linear
 from taps.models.llama import Llama, TargetStates
@@ -39,7 +45,7 @@ class Proposer(Protocol):
 
 def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     if temperature <= 0:
-        return int(logits.argmax())
+        return int(argmax_rows(logits))
     p = target_probs(logits, temperature, top_p)
     return int(torch.multinomial(p.float(), 1, generator=gen))
 
