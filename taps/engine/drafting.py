@@ -83,7 +83,7 @@ class HeadDrafter:
 
     @torch.no_grad()
     def propose(self) -> DraftTree:
-        k, spec, head = self.spec.top_k, self.spec, self.head
+        k, head = self.spec.top_k, self.head
         committed = self.cache.length
         logp = _log_softmax(head.logits(self.last_g))
         top = logp.topk(k)
@@ -95,31 +95,26 @@ class HeadDrafter:
         ent = [float(_entropy(logp))] * k
         depth = [1] * k
         frontier = list(range(k))
-        g_of = {-1: self.last_g}  # candidate -> head output (its children's feature input)
+        # Head outputs by level (a candidate's output is its children's feature input); the
+        # bookkeeping stays in Python lists and each level costs a fixed number of tensor ops
+        # (per-row tensor indexing cost ~0.4 ms of a ~9 ms draft at tree=cpu_wide on 2 cores).
+        outs = [self.last_g[None]]
+        row_of = {-1: 0}  # candidate -> row of its output in torch.cat(outs)
         slot: dict[int, int] = {}  # candidate -> cache slot offset after `committed`
-        for _ in range(spec.depth):
-            feats = torch.stack([g_of[par[c]] for c in frontier])[None]
+        for _ in range(self.spec.depth):
+            feats = torch.cat(outs)[[row_of[par[c]] for c in frontier]][None]
             toks = torch.tensor([tok[c] for c in frontier], device=self.device)[None]
             pos = torch.tensor([committed + depth[c] - 1 for c in frontier], device=self.device)
-            base = len(slot)
-            mask = torch.zeros(len(frontier), committed + base + len(frontier), dtype=torch.bool)
-            mask[:, :committed] = True
-            for row, c in enumerate(frontier):
-                a = par[c]
-                while a >= 0:
-                    mask[row, committed + slot[a]] = True
-                    a = par[a]
-                mask[row, committed + base + row] = True
+            mask = self._level_mask(frontier, par, slot, committed)
             g = head(feats, toks, pos[None], self.cache, mask.to(self.device))[0]
             logp = _log_softmax(head.logits(g))
             top = logp.topk(k, dim=-1)
-            ents = _entropy(logp).tolist()
-            children = []
+            ents, vals = _entropy(logp).tolist(), top.values.tolist()
+            ids = head.to_target(top.indices).tolist()
+            children, base, first_row = [], len(slot), sum(o.shape[0] for o in outs)
             for row, c in enumerate(frontier):
-                slot[c] = base + row
-                g_of[c] = g[row]
-                ids = head.to_target(top.indices[row]).tolist()
-                for v, t in zip(top.values[row].tolist(), ids, strict=True):
+                slot[c], row_of[c] = base + row, first_row + row
+                for v, t in zip(vals[row], ids[row], strict=True):
                     tok.append(t)
                     par.append(c)
                     score.append(score[c] + v)
@@ -127,9 +122,31 @@ class HeadDrafter:
                     ent.append(ents[row])
                     depth.append(depth[c] + 1)
                     children.append(len(tok) - 1)
+            outs.append(g)
             frontier = sorted(children, key=lambda i: -score[i])[:k]
         self.cache.truncate(committed)
         return self._rerank(tok, par, score, lp, ent, depth)
+
+    @staticmethod
+    def _level_mask(
+        frontier: list[int], par: list[int], slot: dict[int, int], committed: int
+    ) -> Tensor:
+        """Bool [len(frontier), committed + drafted + len(frontier)]: each frontier row sees
+        the committed context, its drafted ancestors' cache slots and itself."""
+        base = len(slot)
+        rows, cols = [], []
+        for row, c in enumerate(frontier):
+            a = par[c]
+            while a >= 0:
+                rows.append(row)
+                cols.append(committed + slot[a])
+                a = par[a]
+            rows.append(row)
+            cols.append(committed + base + row)
+        mask = torch.zeros(len(frontier), committed + base + len(frontier), dtype=torch.bool)
+        mask[:, :committed] = True
+        mask[rows, cols] = True
+        return mask
 
     def _rerank(self, tok, par, score, lp, ent, depth) -> DraftTree:
         """Keep the total_tokens - 1 best candidates. Sorting by (score desc, depth asc) puts
