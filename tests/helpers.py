@@ -31,6 +31,10 @@ class NoisyOracle:
         self.max_tree = 2 * depth + 1
         self.heads: list = []  # no draft head: it reads no target layers
         self.context: list[int] = []
+        self.first: list[int] = []
+
+    def set_prompt(self, prompt: list[int]) -> None:
+        self.first = prompt[:1]  # the decoder's catch-up starts at prompt[1:]
 
     def start(self, features, next_tokens, max_len) -> None:
         self.context = self.first + next_tokens.tolist()
@@ -87,6 +91,9 @@ class TopKOracle:
         self.heads: list = []
         self.context: list[int] = []
         self.first: list[int] = []
+
+    def set_prompt(self, prompt: list[int]) -> None:
+        self.first = prompt[:1]  # the decoder's catch-up starts at prompt[1:]
 
     def start(self, features, next_tokens, max_len) -> None:
         self.context = self.first + next_tokens.tolist()

@@ -141,8 +141,6 @@ def test_strategy_greedy_lossless_with_oracles(tiny64, name):
     same, taus, chosen = 0, [], set()
     for i, p in enumerate(prompts(6, model.config.vocab_size, seed=5)):
         group = oracles(tiny64, i)
-        for o in group:
-            o.first = p[:1]
         out = SpeculativeDecoder(model, GROUPS[name](group), tiny64.eos_ids).generate(p, 32)
         same += out.tokens == vanilla_generate(model, p, 32, tiny64.eos_ids).tokens
         taus.append(out.tau)
@@ -206,8 +204,6 @@ def test_entropy_router_picks_lowest_entropy_and_keeps_it(tiny64):
     model = tiny64.model
     p = prompts(1, model.config.vocab_size, seed=4)[0]
     group = oracles(tiny64, 0, noises=(0.2, 0.2))
-    for o in group:
-        o.first = p[:1]
     router = EntropyRouter(group)
     out = SpeculativeDecoder(model, router, tiny64.eos_ids).generate(p, 30)
     first = out.cycles[0]

@@ -27,7 +27,6 @@ def run_oracle(tiny, n: int = 20, max_new: int = 48):
     same, taus = 0, []
     for i, p in enumerate(prompts(n, model.config.vocab_size)):
         oracle = NoisyOracle(model, depth=4, noise=0.3, seed=i)
-        oracle.first = p[:1]
         spec = SpeculativeDecoder(model, oracle, tiny.eos_ids).generate(p, max_new)
         ref = vanilla_generate(model, p, max_new, tiny.eos_ids)
         same += spec.tokens == ref.tokens
@@ -93,12 +92,10 @@ def test_eos_and_limit(tiny64):
     ref = vanilla_generate(model, p, 40, tiny64.eos_ids)
     eos = {ref.tokens[5]}  # pretend the 6th token is EOS: both must stop right after it
     oracle = NoisyOracle(model, depth=4, noise=0.0)
-    oracle.first = p[:1]
     out = SpeculativeDecoder(model, oracle, eos).generate(p, 40)
     assert out.tokens == vanilla_generate(model, p, 40, eos).tokens
     assert out.tokens[-1] in eos and len(out.tokens) <= 6
     oracle = NoisyOracle(model, depth=4, noise=0.0)
-    oracle.first = p[:1]
     assert len(SpeculativeDecoder(model, oracle, set()).generate(p, 7).tokens) == 7
 
 
@@ -108,7 +105,7 @@ def test_lazy_logits_visit_only_the_walked_nodes(tiny64):
     model = tiny64.model
     p = prompts(1, model.config.vocab_size, seed=4)[0]
     oracle = TopKOracle(model)  # the target's own top-2 at two levels: the walk goes 2 deep
-    oracle.first = p[:1]
+    oracle.set_prompt(p)  # start is called by hand below, not by the decoder
     cache = model.new_cache(len(p) + 16)
     feats = model(torch.tensor([p]), cache=cache)[0]
     root = int(model.logits(feats[-1]).argmax())

@@ -31,12 +31,11 @@ def joint_test(
     min_accept: float = 0.2,
     samples: int = SAMPLES,
 ) -> tuple[float, float]:
-    """`proposer` (default: one TopKOracle) must have its oracles' `first` set to PROMPT[:1];
-    `min_accept` is the least mean number of accepted draft tokens per first cycle."""
+    """`proposer` (default: one TopKOracle; the decoder hands it the prompt through
+    `set_prompt`); `min_accept` is the least mean number of accepted draft tokens per first cycle."""
     model = tiny64.model
     if proposer is None:
         proposer = TopKOracle(model)
-        proposer.first = PROMPT[:1]
     dec = SpeculativeDecoder(model, proposer, eos_ids=set())
     gen = torch.Generator().manual_seed(7)
     counts: dict[tuple[int, int, int], int] = {}

@@ -121,7 +121,6 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny64, monkeypatch):
     model = tiny64.model
     monkeypatch.setattr(model.config, "max_position_embeddings", 32)
     oracle = TopKOracle(model)
-    oracle.first = [5]
     dec = SpeculativeDecoder(model, oracle, set())
     prompt = [5] + list(range(10, 35))  # 26 tokens
     msg = r"prompt length 26 \+ max_new_tokens 8 = 34 exceeds the context of the target \(32"

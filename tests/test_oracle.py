@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from taps.combine.confidence import ConfidenceRouter
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
 from taps.engine.drafting import HeadDrafter, TreeSpec
 from taps.engine.oracle import OracleDrafter
@@ -36,6 +37,21 @@ def test_oracle_without_the_prompts_first_token_is_not_the_target(tiny64, monkey
         for c in dec.generate(p, 40).cycles
     ]
     assert min(accepted) < spec.depth + 1
+
+
+def test_oracle_inside_a_combination_strategy_reads_the_prompt(tiny64):
+    """A DrafterGroup hands the prompt on to its drafters: an oracle routed beside a head
+    still accepts every level whenever it drafts, and the output is vanilla's."""
+    spec = TreeSpec(top_k=1, depth=4, total_tokens=6)
+    model, eos = tiny64.model, tiny64.eos_ids
+    group = ConfidenceRouter(
+        [OracleDrafter(model, spec), HeadDrafter(DraftHead.for_target(model), spec)]
+    )
+    for p in prompts(4, model.config.vocab_size, seed=5):
+        g = SpeculativeDecoder(model, group, eos).generate(p, 32)
+        assert g.tokens == vanilla_generate(model, p, 32, eos).tokens
+        oracle_cycles = [c.accepted for c in g.cycles if c.drafter == 0]
+        assert oracle_cycles and min(oracle_cycles) == spec.depth + 1, g.cycles
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -41,6 +41,12 @@ class DrafterGroup:
     def heads(self) -> list[AnyHead]:
         return [h for d in self.drafters for h in d.heads]
 
+    def set_prompt(self, prompt: list[int]) -> None:
+        """Hand the prompt on to the drafters that read it (the oracle reads prompt[0])."""
+        for d in self.drafters:
+            if hasattr(d, "set_prompt"):
+                d.set_prompt(prompt)
+
     def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
         for d in self.drafters:
             d.start(states, next_tokens, max_len)

@@ -30,7 +30,9 @@ class Proposer(Protocol):
     max_tree: int  # most tokens a proposed tree holds, root included
 
     def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
-        """Prefill on the prompt's target states (n positions) and prompt[1:] + root."""
+        """Prefill on the prompt's target states (n positions) and prompt[1:] + root. A
+        proposer that must read prompt[0] too defines `set_prompt(prompt)`, which the decoder
+        calls before `start` (and a `DrafterGroup` forwards to its drafters)."""
 
     def propose(self) -> DraftTree:
         """A tree rooted at the current root, built from the committed state."""
@@ -166,7 +168,7 @@ class SpeculativeDecoder:
             # Online routers score drafters differently when sampling (taps/combine/online.py).
             if hasattr(self.proposer, "set_temperature"):
                 self.proposer.set_temperature(temperature)
-            if hasattr(self.proposer, "set_prompt"):  # the oracle re-reads the whole prompt
+            if hasattr(self.proposer, "set_prompt"):  # proposers that read prompt[0] too
                 self.proposer.set_prompt(prompt)
             self.proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), max_len)
         tick("prefill")

@@ -72,6 +72,7 @@ class OracleDrafter(HeadDrafter):
     def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
         if self.first is None:
             raise RuntimeError("OracleDrafter.start before set_prompt: decode through "
-                               "SpeculativeDecoder, which hands it the prompt")  # fmt: skip
+                               "SpeculativeDecoder (alone or inside a combination strategy), "
+                               "which hands it the prompt")  # fmt: skip
         first = torch.tensor([self.first], dtype=next_tokens.dtype, device=next_tokens.device)
         super().start(states, torch.cat([first, next_tokens]), max_len + 1)
