@@ -17,7 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 AUX = (0, 1, 2)  # the tiny target has 2 layers: its embedding stream, after 1, after 2
 
 
-class NoisyOracle:
+class _ReadsContext:
+    """A proposer double that keeps the decoded text itself: prompt[0] from the decoder's
+    `set_prompt` (its catch-up starts at prompt[1:]), then every caught-up token."""
+
+    def __init__(self) -> None:
+        self.context: list[int] = []
+        self.first: list[int] = []
+
+    def set_prompt(self, prompt: list[int]) -> None:
+        self.first = prompt[:1]
+
+    def start(self, features, next_tokens, max_len) -> None:
+        self.context = self.first + next_tokens.tolist()
+
+    def commit(self, features, next_tokens) -> None:
+        self.context += next_tokens.tolist()
+
+
+class NoisyOracle(_ReadsContext):
     """A proposer that drafts the target's own greedy continuation, corrupting each token with
     probability `noise`, as two branches. Acceptances of every length happen, so an acceptance
     rule that is off by one position produces wrong output."""
@@ -29,18 +47,8 @@ class NoisyOracle:
         self.target, self.depth, self.noise, self.jitter = target, depth, noise, jitter
         self.rng = torch.Generator().manual_seed(seed)
         self.max_tree = 2 * depth + 1
+        super().__init__()
         self.heads: list = []  # no draft head: it reads no target layers
-        self.context: list[int] = []
-        self.first: list[int] = []
-
-    def set_prompt(self, prompt: list[int]) -> None:
-        self.first = prompt[:1]  # the decoder's catch-up starts at prompt[1:]
-
-    def start(self, features, next_tokens, max_len) -> None:
-        self.context = self.first + next_tokens.tolist()
-
-    def commit(self, features, next_tokens) -> None:
-        self.context += next_tokens.tolist()
 
     def _greedy(self, n: int) -> list[int]:
         ids = list(self.context)
@@ -77,7 +85,7 @@ class NoisyOracle:
         return DraftTree(torch.tensor(tokens), parents, lp, scores, ent)
 
 
-class TopKOracle:
+class TopKOracle(_ReadsContext):
     """Drafts the target's own top-2 tokens at each of two levels (a 7-node tree): drafts are
     accepted often and rejected often, so sampling acceptance is exercised on both sides."""
 
@@ -88,18 +96,8 @@ class TopKOracle:
         # jitter: random draft scores and entropies, so routers switch between drafters.
         self.target, self.width, self.offset, self.jitter = target, width, offset, jitter
         self.max_tree = 1 + width + width * width
+        super().__init__()
         self.heads: list = []
-        self.context: list[int] = []
-        self.first: list[int] = []
-
-    def set_prompt(self, prompt: list[int]) -> None:
-        self.first = prompt[:1]  # the decoder's catch-up starts at prompt[1:]
-
-    def start(self, features, next_tokens, max_len) -> None:
-        self.context = self.first + next_tokens.tolist()
-
-    def commit(self, features, next_tokens) -> None:
-        self.context += next_tokens.tolist()
 
     def _top(self, ids: list[int]) -> list[int]:
         h = self.target(torch.tensor([ids]))[0, -1]
