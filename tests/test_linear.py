@@ -1,5 +1,6 @@
-"""The oneDNN linear path (taps/models/linear.py): same results as F.linear up to float noise,
-used only inside fast_linear for float32 CPU inference, and lossless decoding through it."""
+"""The oneDNN linear path (taps/models/linear.py): float32 the same as F.linear up to float noise,
+bfloat16 (packed weights) bitwise the same, used only inside fast_linear for CPU inference, and
+lossless decoding through it."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def test_fast_path_only_where_it_is_safe(monkeypatch):
     L.linear(x, w)  # outside fast_linear
     with L.fast_linear(True):
         L.linear(x, w)  # autograd on: training must keep F.linear's gradients
+        L.linear(x.bfloat16(), w.bfloat16())  # the same for bf16 training
         with torch.no_grad():
             L.linear(x.double(), w.double())  # float64 (exactness tests): default kernels
     with L.fast_linear(False), torch.no_grad():
@@ -48,6 +50,52 @@ def test_fast_path_only_where_it_is_safe(monkeypatch):
         with L.fast_linear(True), torch.no_grad():
             L.linear(x, w)
         assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("out", "inp", "bias"), [(300, 64, False), (96, 40, True), (1000, 64, False)]
+)
+def test_bf16_inside_fast_linear_is_bitwise_f_linear(out, inp, bias):
+    """On CPUs with native bf16 the weight is packed once and must give exactly F.linear's
+    outputs (the decoders' results do not depend on it); elsewhere F.linear itself runs."""
+    g = torch.Generator().manual_seed(out)
+    w = torch.randn(out, inp, generator=g).bfloat16()
+    b = torch.randn(out, generator=g).bfloat16() if bias else None
+    for shape in [(1, 1), (1, 7), (1, 16), (3, 1), (2, 5), (1, 61)]:
+        x = torch.randn(*shape, inp, generator=g).bfloat16()
+        with torch.no_grad(), L.fast_linear(True):
+            got = L.linear(x, w, b)
+        assert torch.equal(got, F.linear(x, w, b)), shape
+    assert (w in L._packed) == (L._BF16_PACKED and L.onednn_wanted())
+
+
+def test_a_changed_bf16_weight_is_packed_again():
+    """The packed copy follows in-place updates and re-assigned data (a stale copy would decode
+    with the old weights)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 32, generator=g).bfloat16()
+    x = torch.randn(1, 4, 32, generator=g).bfloat16()
+    with torch.no_grad(), L.fast_linear(True):
+        L.linear(x, w)
+        w.mul_(-2)
+        assert torch.equal(L.linear(x, w), F.linear(x, w))
+        w.data = torch.randn(200, 32, generator=g).bfloat16()
+        assert torch.equal(L.linear(x, w), F.linear(x, w))
+
+
+def test_bf16_packing_leaves_decoding_unchanged(tiny64, monkeypatch):
+    """A bf16 copy of the tiny target decodes the same tokens, cycle for cycle, with and without
+    packed weights (packing changes no rounding)."""
+    model = copy.deepcopy(tiny64.model).bfloat16()
+    p = torch.randint(3, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for packed in (True, False):
+        monkeypatch.setattr(L, "_BF16_PACKED", packed and L._BF16_PACKED)
+        oracle = NoisyOracle(model, depth=4, noise=0.3, seed=2)
+        out = SpeculativeDecoder(model, oracle, set()).generate(p.tolist(), 24)
+        runs.append((out.tokens, [c.accepted for c in out.cycles]))
+        runs.append(vanilla_generate(model, p.tolist(), 24, set()).tokens)
+    assert runs[0] == runs[2] and runs[1] == runs[3]
 
 
 def test_env_switch_turns_it_off(monkeypatch):
