@@ -118,6 +118,30 @@ def test_cell_keys_and_unreadable_cells(tmp_path):
         load_cell(tmp_path, key)
 
 
+def test_cells_are_keyed_by_the_machine_that_timed_them(monkeypatch):
+    """A cell's tokens/s were measured: timed with other linear kernels, another thread count
+    or another processor, it is decoded again instead of served."""
+    import torch
+
+    from taps.eval import grid
+
+    cpu = torch.device("cpu")
+    here = grid.machine(cpu)
+    assert here["device"] and here["threads"] == torch.get_num_threads()
+    monkeypatch.setenv("TAPS_ONEDNN", "0")
+    off = grid.machine(cpu)
+    assert off["onednn"] is False
+    assert here["onednn"] is False or cell_key(machine=off) != cell_key(machine=here)
+    monkeypatch.setattr(grid, "cpu_name", lambda: "another processor")
+    assert cell_key(machine=grid.machine(cpu)) != cell_key(machine=off)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert cell_key(machine=grid.machine(cpu)) != cell_key(machine=off)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_paper_script_skips_only_what_is_up_to_date(tmp_path):
     paper = experiment_script("paper")
     cache, out = tmp_path / "cache", tmp_path / "out"

@@ -4,8 +4,10 @@ decodes only the cells that are missing and a cell shared by two experiments is 
 
 The key covers everything that can change a row: the target's weights, each drafter's cache
 key, the strategy and its options, the tree, the prompts themselves, the decoding settings,
-and a digest of the source code that produces a row (engine, strategies, models, metrics), so
-editing any of it invalidates the cells instead of serving stale numbers.
+a digest of the source code that produces a row (engine, strategies, models, metrics), so
+editing any of it invalidates the cells instead of serving stale numbers, and the machine that
+timed it (processor, threads, linear kernels: taps/eval/grid.py `machine`), since tokens/s are
+measured, not derived.
 """
 
 from __future__ import annotations

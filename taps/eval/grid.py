@@ -4,10 +4,13 @@ cache, taps/eval/cells.py) and summarised as one result row, labelled with the v
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from taps.combine import Strategy
 from taps.data.benchmarks import BenchPrompt, load_benchmark, load_stream
@@ -16,6 +19,7 @@ from taps.engine.decoder import SpeculativeDecoder
 from taps.engine.drafting import TreeSpec
 from taps.eval.cells import cell_key, load_cell, store_cell
 from taps.eval.evaluate import outputs, run_bench, summarise
+from taps.models.linear import onednn_wanted
 from taps.models.target import Target
 from taps.paths import content_key, file_lock
 
@@ -85,6 +89,34 @@ def variant_labels(
             "drafters": drafters, "tree": tree}  # fmt: skip
 
 
+def machine(device: torch.device) -> dict[str, Any]:
+    """Where a cell's timings were measured. Its tokens/s cannot be derived, only measured, so
+    the cell key includes the processor, the thread count and the linear kernels: a cell
+    decoded elsewhere is decoded again rather than served with another machine's speed."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu_name()
+    return {"device": name, "threads": torch.get_num_threads(), "onednn": onednn_wanted()}
+
+
+def cpu_name() -> str:
+    """Model name, family and model of the first processor (one marketing name covers several
+    generations), or what `platform` knows where there is no /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return " / ".join(fields.get(k, "?") for k in ("model name", "cpu family", "model"))
+
+
 def cell_parts(
     target: Target, drafters: list[dict], combine: Strategy, spec: TreeSpec,
     decoding: Decoding, eval_settings: dict,
@@ -103,6 +135,7 @@ def cell_parts(
         "seed": decoding.seed,
         "dtype": str(target.model.lm_head.weight.dtype),
         "eval": eval_settings,
+        "machine": machine(target.device),
     }
 
 
