@@ -1,6 +1,6 @@
-"""The oneDNN linear path (taps/models/linear.py): float32 the same as F.linear up to float noise,
-bfloat16 (packed weights) bitwise the same, used only inside fast_linear for CPU inference, and
-lossless decoding through it."""
+"""The oneDNN linear path (taps/models/linear.py): float32 and bfloat16 (packed weights) the same
+as F.linear up to float noise, used only inside fast_linear for CPU inference, and lossless
+decoding through it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from taps.engine.decoder import SpeculativeDecoder, vanilla_generate
+from taps.eval.ties import compare
 from taps.models import linear as L
 from tests.helpers import NoisyOracle
 
@@ -55,9 +56,10 @@ def test_fast_path_only_where_it_is_safe(monkeypatch):
 @pytest.mark.parametrize(
     ("out", "inp", "bias"), [(300, 64, False), (96, 40, True), (1000, 64, False)]
 )
-def test_bf16_inside_fast_linear_is_bitwise_f_linear(out, inp, bias):
-    """On CPUs with native bf16 the weight is packed once and must give exactly F.linear's
-    outputs (the decoders' results do not depend on it); elsewhere F.linear itself runs."""
+def test_bf16_inside_fast_linear_matches_f_linear(out, inp, bias):
+    """On CPUs with native bf16 the weight is packed once; the result is F.linear's to bf16
+    rounding (bitwise on the Zen 5 where it was measured; another CPU's oneDNN may pick other
+    kernels for the two layouts). A wrong or stale packed weight is off by whole units."""
     g = torch.Generator().manual_seed(out)
     w = torch.randn(out, inp, generator=g).bfloat16()
     b = torch.randn(out, generator=g).bfloat16() if bias else None
@@ -65,7 +67,7 @@ def test_bf16_inside_fast_linear_is_bitwise_f_linear(out, inp, bias):
         x = torch.randn(*shape, inp, generator=g).bfloat16()
         with torch.no_grad(), L.fast_linear(True):
             got = L.linear(x, w, b)
-        assert torch.equal(got, F.linear(x, w, b)), shape
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1.6e-2, atol=1e-2)
     assert (w in L._packed) == (L._BF16_PACKED and L.onednn_wanted())
 
 
@@ -78,24 +80,31 @@ def test_a_changed_bf16_weight_is_packed_again():
     with torch.no_grad(), L.fast_linear(True):
         L.linear(x, w)
         w.mul_(-2)
-        assert torch.equal(L.linear(x, w), F.linear(x, w))
+        torch.testing.assert_close(L.linear(x, w), F.linear(x, w), rtol=1.6e-2, atol=1e-2)
         w.data = torch.randn(200, 32, generator=g).bfloat16()
-        assert torch.equal(L.linear(x, w), F.linear(x, w))
+        torch.testing.assert_close(L.linear(x, w), F.linear(x, w), rtol=1.6e-2, atol=1e-2)
 
 
-def test_bf16_packing_leaves_decoding_unchanged(tiny64, monkeypatch):
-    """A bf16 copy of the tiny target decodes the same tokens, cycle for cycle, with and without
-    packed weights (packing changes no rounding)."""
+def test_bf16_decoding_through_packed_weights_is_lossless(tiny64, monkeypatch):
+    """A bf16 copy of the tiny target: speculative greedy through packed weights decodes the
+    tokens of vanilla greedy (packed), and vanilla packed those of vanilla unpacked, except at a
+    classified bf16 near-tie (taps/eval/ties.py)."""
     model = copy.deepcopy(tiny64.model).bfloat16()
-    p = torch.randint(3, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
-    runs = []
-    for packed in (True, False):
-        monkeypatch.setattr(L, "_BF16_PACKED", packed and L._BF16_PACKED)
+    g = torch.Generator().manual_seed(1)
+    available, same = L._BF16_PACKED, 0
+    for _ in range(3):
+        p = torch.randint(3, model.config.vocab_size, (12,), generator=g).tolist()
+        monkeypatch.setattr(L, "_BF16_PACKED", False)
+        plain = vanilla_generate(model, p, 24, set())
+        monkeypatch.setattr(L, "_BF16_PACKED", available)
+        packed = vanilla_generate(model, p, 24, set())
         oracle = NoisyOracle(model, depth=4, noise=0.3, seed=2)
-        out = SpeculativeDecoder(model, oracle, set()).generate(p.tolist(), 24)
-        runs.append((out.tokens, [c.accepted for c in out.cycles]))
-        runs.append(vanilla_generate(model, p.tolist(), 24, set()).tokens)
-    assert runs[0] == runs[2] and runs[1] == runs[3]
+        spec = SpeculativeDecoder(model, oracle, set()).generate(p, 24)
+        for a, b in ((spec, packed), (packed, plain)):
+            verdict = compare(a, b, torch.bfloat16, None)
+            assert verdict["identical"] or verdict["near_tie"], verdict
+        same += spec.tokens == packed.tokens == plain.tokens
+    assert same >= 2  # near-ties are rare: mostly identical outright
 
 
 def test_env_switch_turns_it_off(monkeypatch):

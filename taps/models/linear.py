@@ -6,9 +6,10 @@ is bound by reading the weights. Two measured CPU paths (experiments/README.md, 
 - float32: MKL's sgemm takes 16 ms for 1 row of the SmolLM2 LM head (49152 x 576) and 33 ms for
   2-16 rows on AMD EPYC (AVX2), oneDNN 8.5 and 15-20 ms;
 - bfloat16 on CPUs with native bf16: `F.linear` goes through oneDNN but re-lays the weight out
-  on every call; a copy packed once (`_reorder_linear_weight`) gives bitwise the same outputs
-  at about half the time (the SmolLM2 target's 211 matmuls of one step: 25.8 -> 11.8 ms on AMD
-  EPYC Zen 5), at the cost of keeping that copy beside the weight.
+  on every call; a copy packed once (`_reorder_linear_weight`) gives the same outputs (bitwise
+  on AMD EPYC Zen 5; another CPU's oneDNN may round the two layouts differently) at about half
+  the time (the SmolLM2 target's 211 matmuls of one step: 25.8 -> 11.8 ms there), at the cost
+  of keeping that copy beside the weight.
 
 The decoders switch this on around their loops (`fast_linear()`); training and the feature pass
 keep the default kernels, so cached features do not depend on it. `TAPS_ONEDNN=0` turns it off.
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 _AVAILABLE = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
-# Only where F.linear itself runs bf16 through oneDNN is the packed path bitwise the same.
+# Only where F.linear itself runs bf16 through oneDNN does packing keep its numerics.
 _BF16_PACKED = _AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 _state = threading.local()
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (its version, packed copy)
