@@ -85,6 +85,16 @@ def test_a_changed_bf16_weight_is_packed_again():
         torch.testing.assert_close(L.linear(x, w), F.linear(x, w), rtol=1.6e-2, atol=1e-2)
 
 
+def test_an_inference_tensor_weight_is_not_packed():
+    """A weight made under torch.inference_mode has no version counter to follow: F.linear."""
+    with torch.inference_mode():
+        w = torch.randn(64, 16).bfloat16()
+    x = torch.randn(1, 3, 16).bfloat16()
+    with torch.no_grad(), L.fast_linear(True):
+        assert torch.equal(L.linear(x, w), F.linear(x, w))
+    assert w not in L._packed
+
+
 def test_bf16_decoding_through_packed_weights_is_lossless(tiny64, monkeypatch):
     """A bf16 copy of the tiny target: speculative greedy through packed weights decodes the
     tokens of vanilla greedy (packed), and vanilla packed those of vanilla unpacked, except at a

@@ -65,7 +65,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if getattr(_state, "on", False) and x.device.type == "cpu" and not torch.is_grad_enabled():
         if x.dtype == weight.dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        if _BF16_PACKED and x.dtype == weight.dtype == torch.bfloat16:
+        # Inference tensors keep no version counter, so a packed copy could not follow them.
+        if _BF16_PACKED and x.dtype == weight.dtype == torch.bfloat16 and not weight.is_inference():
             w = packed_weight(weight)
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, weight, bias)
