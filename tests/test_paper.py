@@ -155,6 +155,14 @@ def test_paper_script_skips_only_what_is_up_to_date(tmp_path):
     (study / "done.json").write_text(json.dumps({"fingerprint": stamp}))
     assert paper.up_to_date(study, stamp, cache)
     assert not paper.up_to_date(study, paper.fingerprint(["bench.limit=3"], ""), cache)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:  # timed on another machine (here: another thread count): run it again
+        torch.set_num_threads(threads + 1)
+        assert not paper.up_to_date(study, paper.fingerprint(["bench.limit=2"], ""), cache)
+    finally:
+        torch.set_num_threads(threads)
     (cache / "cells" / "abc.json").unlink()
     assert not paper.up_to_date(study, stamp, cache)  # a cited cell is gone: run it again
 
