@@ -26,6 +26,7 @@ import torch
 
 from taps.eval.grid import machine
 from taps.models.precision import bf16_is_fast
+from taps.models.target import resolve_device
 from taps.paths import (
     REPO_ROOT,
     atomic_write_text,
@@ -45,8 +46,7 @@ def fingerprint(overrides: list[str], data_dir: str) -> str:
     """Everything a finished study's results depend on besides the cache: the code, the
     configs, the overrides, the data files (names, sizes, times) and the machine that timed
     it (its cells are keyed by it too: taps/eval/grid.py `machine`)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    h = hashlib.sha256(json.dumps([overrides, machine(device)]).encode())
+    h = hashlib.sha256(json.dumps([overrides, machine(resolve_device("auto"))]).encode())
     hash_source_files(h, ["taps", "conf"], (".py", ".yaml"))
     for f in sorted(Path(data_dir).rglob("*")) if data_dir else []:
         if f.is_file():
