@@ -27,7 +27,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     # The layers import torch and Lightning (seconds): here, so --help answers at once.
     import torch
 
-    from taps.combine import strategy
+    from taps.combine import check_sampled, strategy
     from taps.data.drafters import drafter_data
     from taps.engine.decoder import SpeculativeDecoder
     from taps.eval import grid
@@ -45,6 +45,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     prompts = grid.load_prompts(bench.benchmarks, cfg.paths.data_dir, bench.limit,
                                 bench.get("path"), bench.get("stream"))  # fmt: skip
     combine, spec = strategy(instantiate(cfg.routing)), instantiate(cfg.tree)
+    check_sampled(combine.name, spec)  # before any drafter trains
     datas = drafter_data(cfg.data, cfg.drafters, combine.combines)
     target, tracker = shared_target(cfg.target), instantiate(cfg.logger)
     tracker.start(conf)

@@ -146,12 +146,16 @@ def test_ttt_step_k_equals_inference_drafting_at_depth_k(tiny64):
 
 
 @torch.no_grad()
-def _chain(head: Eagle3Head, tiny, prompt: list[int], depth: int):
-    """The engine's chain draft after `prompt` and the TTT rollout's predictions for it."""
+def _chain(head: Eagle3Head, tiny, prompt: list[int], depth: int, drawn: bool = False):
+    """The engine's chain draft after `prompt` and the TTT rollout's predictions for it:
+    (chain, the rollout's argmaxes, the tree's log-probs, the rollout's log-probs of the chain's
+    tokens). drawn: a drawn chain (TreeSpec.sampled at T=1), tokens drawn from the head."""
     model = tiny.model
     states = model.states(torch.tensor([prompt]), capture=head.aux_layers)[0]
     root = int(model.logits(states.final[-1]).argmax())
-    drafter = HeadDrafter(head, TreeSpec(1, depth - 1, depth + 1))
+    drafter = HeadDrafter(head, TreeSpec(1, depth - 1, depth + 1, sampled=drawn))
+    if drawn:
+        drafter.set_sampling(1.0, torch.Generator().manual_seed(0))
     drafter.start(states, torch.tensor(prompt[1:] + [root]), len(prompt) + 16)
     tree = drafter.propose()
     chain = tree.tokens[1:].tolist()
@@ -162,20 +166,23 @@ def _chain(head: Eagle3Head, tiny, prompt: list[int], depth: int):
     aux = torch.cat([aux, torch.zeros(depth - 1, aux.shape[1], dtype=aux.dtype)])[None]
     toks = torch.tensor([prompt[1:] + [root] + chain[:-1]])
     outs = ttt_forward(head, head.fuse(aux), toks, depth)
-    want = [int(head.to_target(head.logits(outs[k][0, n - 1 + k]).argmax())) for k in range(depth)]
-    logps = [float(torch.log_softmax(head.logits(outs[k][0, n - 1 + k]), -1).max())
-             for k in range(depth)]  # fmt: skip
+    rows = [torch.log_softmax(head.logits(outs[k][0, n - 1 + k]), -1) for k in range(depth)]
+    want = [int(head.to_target(r.argmax())) for r in rows]
+    every = head.to_target(torch.arange(rows[0].shape[-1])).tolist()  # draft index -> target id
+    logps = [float(r[every.index(t)]) for r, t in zip(rows, chain, strict=True)]
     return chain, want, tree.logprobs[1:].tolist(), logps
 
 
-def test_engine_feeds_back_the_heads_own_hidden_state(tiny64):
+@pytest.mark.parametrize("drawn", [False, True])
+def test_engine_feeds_back_the_heads_own_hidden_state(tiny64, drawn):
     head = eagle3(tiny64)
-    chain, want, got_lp, want_lp = _chain(head, tiny64, list(range(40, 52)), depth=4)
-    assert chain == want
+    chain, want, got_lp, want_lp = _chain(head, tiny64, list(range(40, 52)), 4, drawn)
+    assert chain == want or drawn
     assert got_lp == pytest.approx(want_lp, abs=1e-9)
 
 
-def test_wrong_feedback_fails_the_engine_check(tiny64, monkeypatch):
+@pytest.mark.parametrize("drawn", [False, True])
+def test_wrong_feedback_fails_the_engine_check(tiny64, monkeypatch, drawn):
     """Feeding the next depth the normed output (what the LM head reads) instead of the
     pre-norm state breaks the equality above: the check has teeth."""
     head = eagle3(tiny64)
@@ -185,7 +192,7 @@ def test_wrong_feedback_fails_the_engine_check(tiny64, monkeypatch):
         return self.norm(real_forward(self, *args, **kwargs))
 
     monkeypatch.setattr(Eagle3Head, "forward", normed)
-    _, _, got_lp, want_lp = _chain(head, tiny64, list(range(40, 52)), depth=4)
+    _, _, got_lp, want_lp = _chain(head, tiny64, list(range(40, 52)), 4, drawn)
     assert got_lp != pytest.approx(want_lp, abs=1e-6)
 
 
@@ -243,6 +250,15 @@ def test_eagle3_sampling_is_lossless(tiny64, trained3, temperature, top_p):
 
     drafter = HeadDrafter(trained3, TreeSpec(3, 2, 8))
     p, tv = joint_test(tiny64, temperature, top_p, proposer=drafter)
+    assert p > 1e-3, f"chi-square p={p:.2e} TV={tv:.3f}"
+
+
+def test_eagle3_drawn_trees_sample_losslessly(tiny64, trained3):
+    """The same with drafts drawn from the EAGLE-3 head (tree.sampled) and recursive rejection."""
+    from tests.test_engine_sampling_e2e import joint_test
+
+    drafter = HeadDrafter(trained3, TreeSpec(3, 2, 8, sampled=True))
+    p, tv = joint_test(tiny64, 1.0, 1.0, proposer=drafter, samples=3000)
     assert p > 1e-3, f"chi-square p={p:.2e} TV={tv:.3f}"
 
 

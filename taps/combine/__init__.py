@@ -26,6 +26,10 @@ STRATEGIES: dict[str, Build] = {
     "hedge": hedge.build,
     "bandit": bandit.build,
 }
+# Strategies whose tree choice never looks at the current draws, so drawn (sampled) trees stay
+# lossless; confidence and entropy routing pick among drawn trees by what was drawn, which
+# biases the draws verification sees, and merging mixes two draft distributions at a node.
+DRAW_SAFE = {"single", "average", "hedge", "bandit"}
 # The option that tells a strategy's variants apart in display labels: average(0.5).
 _LABEL_OPTION = {"average": "alpha", "merged_tree": "budget", "bandit": "algorithm"}
 
@@ -49,7 +53,17 @@ class Strategy:
         return self.name if key is None else f"{self.name}({self.options.get(key)})"
 
     def __call__(self, heads: list[AnyHead], spec: TreeSpec) -> Proposer:
+        check_sampled(self.name, spec)
         return self.build(heads, spec, **self.options)
+
+
+def check_sampled(name: str, spec: TreeSpec) -> None:
+    """Refuse drawn trees under a strategy that would make them lossy (see DRAW_SAFE)."""
+    if spec.sampled and name not in DRAW_SAFE:
+        raise ValueError(
+            f"tree.sampled=true with routing={name}: this strategy chooses or merges trees by "
+            f"their random draws, which would bias sampling; use it with {sorted(DRAW_SAFE)}"
+        )
 
 
 def strategy(factory: Callable[..., Proposer]) -> Strategy:
@@ -75,4 +89,5 @@ def build_proposer(name: str, heads: list[AnyHead], spec: TreeSpec, **options: o
     """For code without a config: STRATEGIES[name] with its options (unknown: TypeError)."""
     if name not in STRATEGIES:
         raise ValueError(f"routing={name!r} is not implemented; choose one of {list(STRATEGIES)}")
+    check_sampled(name, spec)
     return STRATEGIES[name](heads, spec, **options)

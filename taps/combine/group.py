@@ -4,6 +4,7 @@ which tree(s) to hand it."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from taps.engine.decoder import Proposer
@@ -46,6 +47,12 @@ class DrafterGroup:
         for d in self.drafters:
             if hasattr(d, "set_prompt"):
                 d.set_prompt(prompt)
+
+    def set_sampling(self, temperature: float, generator: torch.Generator | None) -> None:
+        """Hand the decoder's temperature and generator on to drafters that draw their trees."""
+        for d in self.drafters:
+            if hasattr(d, "set_sampling"):
+                d.set_sampling(temperature, generator)
 
     def start(self, states: TargetStates, next_tokens: Tensor, max_len: int) -> None:
         for d in self.drafters:

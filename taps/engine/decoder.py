@@ -168,6 +168,8 @@ class SpeculativeDecoder:
             # Online routers score drafters differently when sampling (taps/combine/online.py).
             if hasattr(self.proposer, "set_temperature"):
                 self.proposer.set_temperature(temperature)
+            if hasattr(self.proposer, "set_sampling"):  # drafters that draw (TreeSpec.sampled)
+                self.proposer.set_sampling(temperature, generator)
             if hasattr(self.proposer, "set_prompt"):  # proposers that read prompt[0] too
                 self.proposer.set_prompt(prompt)
             self.proposer.start(feats, torch.tensor(prompt[1:] + [root], device=dev), max_len)

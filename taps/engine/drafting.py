@@ -23,6 +23,10 @@ class TreeSpec:
     depth: int = 5  # expansion rounds after the first layer: depth + 1 draft layers
     total_tokens: int = 60  # root included
     name: str = "custom"  # the conf/tree/ option it came from, for result rows
+    # At T > 0, a static tree of drafts *drawn* from the head: every level has top_k children
+    # drawn without replacement, the first drawn one expanded, up to total_tokens; verified by
+    # recursive rejection against the draft distribution. At T = 0 the usual dynamic tree.
+    sampled: bool = False
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.depth < 0 or self.total_tokens < 2:
@@ -50,6 +54,12 @@ class HeadDrafter:
         self.predictions: Tensor | None = None
         self.root: int | None = None
         self.max_tree = spec.total_tokens
+        self.temperature = 0.0  # the decoding temperature: sampled trees draw at it
+        self.generator: torch.Generator | None = None
+
+    def set_sampling(self, temperature: float, generator: torch.Generator | None) -> None:
+        """The decoder's temperature and random generator, which sampled trees draw with."""
+        self.temperature, self.generator = temperature, generator
 
     @property
     def heads(self) -> list[AnyHead]:
@@ -83,6 +93,8 @@ class HeadDrafter:
 
     @torch.no_grad()
     def propose(self) -> DraftTree:
+        if self.spec.sampled and self.temperature > 0:
+            return self._propose_sampled()
         k, head = self.spec.top_k, self.head
         committed = self.cache.length
         logp = _log_softmax(head.logits(self.last_g))
@@ -127,6 +139,47 @@ class HeadDrafter:
             frontier = sorted(children, key=lambda i: -score[i])[:k]
         self.cache.truncate(committed)
         return self._rerank(tok, par, score, lp, ent, depth)
+
+    def _propose_sampled(self) -> DraftTree:
+        """The static spine: top_k children drawn at each level, the first drawn one expanded.
+        Its shape never depends on what was drawn, which keeps recursive rejection lossless."""
+        head, room = self.head, self.spec.total_tokens - 1
+        committed = self.cache.length
+        tok, par, lp, ent, dists = [self.root], [-1], [0.0], [0.0], {}
+        g, parent = self.last_g, 0
+        for level in range(self.spec.depth + 1):
+            logits = head.logits(g)
+            logp = _log_softmax(logits)
+            ids, dists[parent] = self._draw(logits, min(self.spec.top_k, room - len(tok) + 1))
+            e = float(_entropy(logp))
+            tok += head.to_target(ids).tolist()
+            lp += logp[ids].tolist()
+            par += [parent] * len(ids)
+            ent += [e] * len(ids)
+            if level == self.spec.depth or len(tok) > room:
+                break
+            parent = len(tok) - len(ids)  # the first drawn child of this level
+            toks = torch.tensor([[tok[parent]]], device=self.device)
+            g = head(g[None, None], toks, cache=self.cache)[0, 0]  # sees its whole spine
+        self.cache.truncate(committed)
+        lps = torch.tensor(lp, dtype=torch.float64)
+        scores = lps.clone()
+        for i in range(1, len(par)):
+            scores[i] += scores[par[i]]
+        return DraftTree(
+            tokens=torch.tensor(tok), parents=par, logprobs=lps, scores=scores,
+            entropies=torch.tensor(ent, dtype=torch.float64), drafter=self.index,
+            draft_forwards=level + 1, draft_dists=dists,
+        )  # fmt: skip
+
+    def _draw(self, logits: Tensor, k: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """k draft-vocabulary ids drawn without replacement from q = softmax(logits / T), in
+        draw order, and (target ids, q) for acceptance."""
+        q = torch.softmax(logits.double() / self.temperature, -1)
+        k = min(k, int((q > 0).sum()))
+        ids = torch.multinomial(q.cpu(), k, replacement=False, generator=self.generator)
+        every = torch.arange(q.shape[-1], device=q.device)
+        return ids.to(logits.device), (self.head.to_target(every).cpu(), q.cpu())
 
     @staticmethod
     def _level_mask(

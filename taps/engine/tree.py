@@ -20,6 +20,10 @@ class DraftTree:
     draft_forwards: int = 0  # head forwards spent on it (catch-up included)
     # Routing strategies: every drafter's score this cycle, higher preferred (None: no routing).
     route_scores: list[float] | None = None
+    # Sampled trees (TreeSpec.sampled, T > 0): node -> (target ids, probabilities) of the draft
+    # distribution q its children were drawn from without replacement, in tree order.
+    # Acceptance then runs recursive rejection against q (ALGORITHMS.md section 5).
+    draft_dists: dict[int, tuple[Tensor, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         depth = [0] * len(self.parents)

@@ -85,35 +85,67 @@ def accept_sampling(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> tuple[list[int], int]:
-    """Multi-candidate rejection with deterministic (one-hot) drafts: at each accepted node try
-    its distinct children in draft-rank order, accepting child x with probability p(x); on
-    rejection zero p(x) and renormalise. The output is distributed exactly as the target's."""
+    """Multi-candidate rejection down the tree: at each accepted node try its children until one
+    is accepted; if none is, the bonus token comes from what is left of p. Children drawn from a
+    recorded draft distribution q (`tree.draft_dists`) are tried in draw order by recursive
+    rejection (`_try_drawn`); others are deterministic (one-hot) drafts (`_try_one_hot`). The
+    output is distributed exactly as the target's."""
     logits = _lazy(target_logits)
     tokens = tree.tokens.tolist()
+    dists = tree.draft_dists or {}
     node, path = 0, [0]
     while True:
         probs = target_probs(logits([node])[0], temperature, top_p).cpu()
-        p = probs.clone()
-        kids = sorted(tree.children[node], key=lambda c: -float(tree.logprobs[c]))
-        moved = False
-        tried: set[int] = set()
-        for c in kids:
-            x = tokens[c]
-            if x in tried:  # a duplicate token was already rejected (p(x) is now 0)
-                continue
-            tried.add(x)
-            u = torch.rand((), generator=generator, dtype=torch.float64)
-            if u < p[x]:
-                node, moved = c, True
-                path.append(c)
-                break
-            p[x] = 0.0
-            total = p.sum()
-            if total <= 0:  # every token with mass was drafted and rejected: cannot happen
-                break  # with exact arithmetic; fall back to the untouched distribution
-            p = p / total
-        if not moved:
-            if p.sum() <= 0:
-                p = probs
+        if node in dists:
+            child, p = _try_drawn(tree.children[node], tokens, probs, dists[node], generator)
+        else:
+            child, p = _try_one_hot(tree, node, tokens, probs, generator)
+        if child is None:
             bonus = int(torch.multinomial(p.float(), 1, generator=generator))
             return path, bonus
+        node = child
+        path.append(child)
+
+
+def _try_one_hot(tree, node, tokens, probs, generator) -> tuple[int | None, Tensor]:
+    """Distinct children in draft-rank order: accept child x with probability p(x); on
+    rejection zero p(x) and renormalise. Returns (accepted child or None, residual p)."""
+    p = probs.clone()
+    tried: set[int] = set()
+    for c in sorted(tree.children[node], key=lambda c: -float(tree.logprobs[c])):
+        x = tokens[c]
+        if x in tried:  # a duplicate token was already rejected (p(x) is now 0)
+            continue
+        tried.add(x)
+        if torch.rand((), generator=generator, dtype=torch.float64) < p[x]:
+            return c, p
+        p[x] = 0.0
+        total = p.sum()
+        if total <= 0:  # every token with mass was drafted and rejected: cannot happen
+            return None, probs  # with exact arithmetic; fall back to the untouched distribution
+        p = p / total
+    return None, p
+
+
+def _try_drawn(kids, tokens, probs, dist, generator) -> tuple[int | None, Tensor]:
+    """Recursive rejection sampling without replacement (Jeon et al. 2024): child i, drawn
+    from q_i (q without the earlier draws), is accepted with probability min(1, p_i/q_i); on
+    rejection p_{i+1} = norm(max(p_i - q_i, 0)) and q_{i+1} = q_i without it, renormalised."""
+    ids, qd = dist
+    q = torch.zeros_like(probs)
+    q[ids] = qd.to(q.dtype)
+    p = probs.clone()
+    for c in kids:
+        x = tokens[c]
+        if torch.rand((), generator=generator, dtype=torch.float64) * q[x] < p[x]:
+            return c, p
+        r = (p - q).clamp_(min=0.0)
+        total = r.sum()
+        if total <= 0:  # p == q up to rounding: rejection had probability ~0
+            return None, p
+        p = r / total
+        q[x] = 0.0
+        if q.sum() <= 0:
+            break
+        q = q / q.sum()
+    return None, p

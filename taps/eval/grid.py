@@ -129,7 +129,8 @@ def cell_parts(
         "drafters": [[m.get("key") or content_key(m), m.get("weights_sha256")] for m in drafters],
         "routing": combine.name,
         "options": combine.options,
-        "tree": [spec.top_k, spec.depth, spec.total_tokens],
+        # Drawn trees decode differently; the others keep the keys they had before the flag.
+        "tree": [spec.top_k, spec.depth, spec.total_tokens] + (["sampled"] if spec.sampled else []),
         "max_new_tokens": decoding.max_new_tokens,
         "top_p": decoding.top_p,
         "seed": decoding.seed,
