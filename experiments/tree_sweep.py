@@ -34,26 +34,31 @@ from taps.training.train import build_callbacks, ensure_drafter
 
 def specs(sweep: DictConfig) -> list[TreeSpec]:
     """The grid, plus chains (top_k 1) of each depth; trees too small to use their depth and
-    totals a top-k tree cannot fill are skipped."""
-    out = [TreeSpec(1, d, d + 2) for d in sweep.depth]
-    for k, d, n in itertools.product(sweep.top_k, sweep.depth, sweep.total_tokens):
-        if k > 1 and d + 2 <= n <= 1 + k + d * k * k:
-            out.append(TreeSpec(k, d, n))
+    totals a tree cannot fill are skipped. `sweep.sampled: [false, true]` adds drawn trees
+    (TreeSpec.sampled: a spine of top_k drawn children a level, 1 + top_k (depth + 1) at most)."""
+    out = []
+    for drawn in sweep.get("sampled", [False]):
+        out += [TreeSpec(1, d, d + 2, sampled=drawn) for d in sweep.depth]
+        for k, d, n in itertools.product(sweep.top_k, sweep.depth, sweep.total_tokens):
+            most = 1 + k * (d + 1) if drawn else 1 + k + d * k * k
+            if k > 1 and d + 2 <= n <= most:
+                out.append(TreeSpec(k, d, n, sampled=drawn))
     return out
 
 
 def name(s: TreeSpec) -> str:
-    return f"k{s.top_k}_d{s.depth}_n{s.total_tokens}"
+    return f"k{s.top_k}_d{s.depth}_n{s.total_tokens}" + ("_drawn" if s.sampled else "")
 
 
 def plot(rows: dict, grid: list[TreeSpec], path: Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for k, d in sorted({(s.top_k, s.depth) for s in grid}):
-        line = [s for s in grid if (s.top_k, s.depth) == (k, d)]
+    for k, d, drawn in sorted({(s.top_k, s.depth, s.sampled) for s in grid}):
+        line = [s for s in grid if (s.top_k, s.depth, s.sampled) == (k, d, drawn)]
         xs = [s.total_tokens for s in line]
-        style = "s--" if k == 1 else "o-"
-        a.plot(xs, [rows[name(s)]["vs_ours_vanilla"] for s in line], style, label=f"k={k} d={d}")
-        b.plot(xs, [rows[name(s)]["tau"] for s in line], style, label=f"k={k} d={d}")
+        style = ("s" if k == 1 else "o") + (":" if drawn else "--" if k == 1 else "-")
+        label = f"k={k} d={d}" + (" drawn" if drawn else "")
+        a.plot(xs, [rows[name(s)]["vs_ours_vanilla"] for s in line], style, label=label)
+        b.plot(xs, [rows[name(s)]["tau"] for s in line], style, label=label)
     a.axhline(1.0, color="k", lw=0.8)
     a.set(xlabel="tokens per tree (root included)", ylabel="speedup vs our vanilla (median)")
     b.set(xlabel="tokens per tree (root included)", ylabel="tau (median)")
@@ -86,13 +91,14 @@ def sweep(cfg: DictConfig, out_dir: Path) -> dict:
     summary = speed.speed_summary(records, temp)
     rows = {n.removeprefix("ours_spec_"): r for n, r in summary["methods"].items()}
     best = max((n for n in rows if n != "ours_vanilla"), key=lambda n: rows[n]["vs_ours_vanilla"])
-    lines = ["| tree | top_k | depth | total | tau | tok/s | vs vanilla | ms/cycle draft | verify |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| tree | top_k | depth | total | drawn | tau | tok/s | vs vanilla | ms/cycle draft "
+             "| verify |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in grid:
         r = rows[name(s)]
         ms = r["ms_per_cycle"]
         mark = " **best**" if name(s) == best else ""
-        lines.append(f"| {name(s)}{mark} | {s.top_k} | {s.depth} | {s.total_tokens} | {r['tau']} "
+        lines.append(f"| {name(s)}{mark} | {s.top_k} | {s.depth} | {s.total_tokens} | "
+                     f"{'yes' if s.sampled else 'no'} | {r['tau']} "
                      f"| {r['tokens_per_s']} | {r['vs_ours_vanilla']} | {ms.get('draft')} | "
                      f"{ms.get('verify')} |")  # fmt: skip
     lines.append(f"\nour vanilla: {rows['ours_vanilla']['tokens_per_s']} tok/s; "
