@@ -199,6 +199,19 @@ def test_online_routers_sampling_is_lossless(tiny64, trained3, routing, options)
     assert p > 1e-3, f"{routing}: chi-square p={p:.2e} TV={tv:.3f}"
 
 
+def test_hedge_with_drawn_trees_samples_losslessly(tiny64, trained3):
+    """Online routers choose before the draws, so drawn trees (tree.sampled) stay exact
+    under them; the router hands the decoder's generator on to both drafters."""
+    from tests.test_engine_sampling_e2e import joint_test
+
+    spec = TreeSpec(3, 2, 8, sampled=True)
+    proposer = build_proposer("hedge", pair(tiny64, trained3), spec, choose="sample")
+    proposer.new_session()
+    p, tv = joint_test(tiny64, 1.0, 1.0, proposer, min_accept=0.05, samples=3000)
+    assert p > 1e-3, f"chi-square p={p:.2e} TV={tv:.3f}"
+    assert all(d.generator is not None for d in proposer.drafters)
+
+
 def test_stream_interleaves_sources_by_seed(data_dir):
     a = load_stream(data_dir, 3, {"gsm8k": 1, "mt_bench": 1, "svamp": 2}, seed=0)
     b = load_stream(data_dir, 3, {"gsm8k": 1, "mt_bench": 1, "svamp": 2}, seed=0)
