@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from taps.combine import strategy
+from taps.combine import check_sampled, strategy
 from taps.config import CONF_DIR, compose_option
 from taps.data.drafters import drafter_data
 from taps.engine.decoder import SpeculativeDecoder
@@ -101,6 +101,8 @@ def build_methods(cfg: DictConfig, target: Target) -> tuple[dict, dict]:
                          f"{[*HF, speed.VANILLA, ORACLE, *known]}")  # fmt: skip
     spec = instantiate(cfg.tree)
     wanted = {m: strategy(instantiate(routing_config(m, known[m]))) for m in names if m in known}
+    for combine in wanted.values():
+        check_sampled(combine.name, spec)  # before any head is trained or loaded
     heads = load_heads(cfg, target, any(s.combines for s in wanted.values())) if wanted else {}
     decoders = {}
     for m, combine in wanted.items():

@@ -77,6 +77,63 @@ def test_drawn_trees_sample_the_target_distribution(temperature, top_p):
     assert run_bigram(temperature, top_p) > 1e-3
 
 
+def _q_not_renormalised(q, x):
+    """Broken: a rejected draft leaves q, but q is not renormalised over what is left."""
+    q[x] = 0.0
+    return q
+
+
+def one_node_pvalue(gen_seed: int = 5) -> float:
+    """Three children drawn at one node, the first token only: the 8-cell test has the power
+    that the 3-token joint lacks against errors in how q shrinks after a rejection."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    q = torch.softmax(QTABLE[6], -1)
+    counts = torch.zeros(V)
+    for _ in range(SAMPLES):
+        ids = torch.multinomial(q, 3, replacement=False, generator=gen)
+        n = 4
+        t = DraftTree(torch.tensor([6, *ids.tolist()]), [-1, 0, 0, 0], torch.zeros(n),
+                      torch.zeros(n), torch.zeros(n), draft_dists={0: (torch.arange(V), q)})  # fmt: skip
+        path, bonus = accept_sampling(t, TABLE[t.tokens], 1.0, 1.0, gen)
+        counts[t.tokens[path[1]] if len(path) > 1 else bonus] += 1
+    return chi_square_pvalue(counts, target_probs(TABLE[6], 1.0))
+
+
+def test_one_node_recursive_rejection_is_exact(monkeypatch):
+    assert one_node_pvalue() > 1e-3
+    monkeypatch.setattr(verify_mod, "_without", _q_not_renormalised)
+    assert one_node_pvalue() < 1e-6
+
+
+def test_oracle_spine_is_accepted_whole(tiny64):
+    """The target drafting for itself through a drawn spine has q = p at every node, so every
+    draft is accepted: wrong positions or masks in the spine's cache would make q differ."""
+    spec = TreeSpec(top_k=3, depth=3, total_tokens=13, sampled=True)
+    assert spec.draft_levels(1.0) == 4 and spec.draft_levels(0.0) == 4
+    assert TreeSpec(6, 3, 16, sampled=True).draft_levels(1.0) == 3
+    dec = SpeculativeDecoder(tiny64.model, OracleDrafter(tiny64.model, spec), set())
+    out = dec.generate(prompts(1, tiny64.model.config.vocab_size)[0], 40, 1.0,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert [c.accepted for c in out.cycles] == [4] * len(out.cycles)
+
+
+def test_draws_refuse_bad_heads(tiny64):
+    model = tiny64.model
+    prompt = prompts(1, model.config.vocab_size)[0]
+    states = model.states(torch.tensor([prompt]))[0]
+    repeated = torch.tensor([5, 6, 7, 5])  # two draft rows of token 5
+    some = torch.tensor([5, 6, 7, 8])  # a d2t copies the LM head's rows: the target's stay
+    for head, match in ((DraftHead.for_target(model, d2t=repeated), "repeated target tokens"),
+                        (DraftHead.for_target(model, d2t=some), "non-finite")):  # fmt: skip
+        if match == "non-finite":
+            head.lm_head_weight[0] = float("nan")
+        drafter = HeadDrafter(head, TreeSpec(2, 2, 6, sampled=True))
+        drafter.set_sampling(1.0, None)
+        drafter.start(states, torch.tensor(prompt[1:] + [5]), 64)
+        with pytest.raises(ValueError, match=match):
+            drafter.propose()
+
+
 def test_broken_residual_rule_is_detected(monkeypatch):
     monkeypatch.setattr(verify_mod, "_try_drawn", _no_residual)
     assert run_bigram(1.0, 1.0) < 1e-6

@@ -32,6 +32,13 @@ class TreeSpec:
         if self.top_k < 1 or self.depth < 0 or self.total_tokens < 2:
             raise ValueError(f"tree: need top_k >= 1, depth >= 0, total_tokens >= 2; got {self}")
 
+    def draft_levels(self, temperature: float) -> int:
+        """Draft levels a tree can have: depth + 1, or for a drawn spine (T > 0) as many
+        levels of top_k as total_tokens - 1 reaches."""
+        if self.sampled and temperature > 0:
+            return min(self.depth + 1, -(-(self.total_tokens - 1) // self.top_k))
+        return self.depth + 1
+
 
 def _entropy(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
@@ -56,6 +63,7 @@ class HeadDrafter:
         self.max_tree = spec.total_tokens
         self.temperature = 0.0  # the decoding temperature: sampled trees draw at it
         self.generator: torch.Generator | None = None
+        self._draft_ids: Tensor | None = None  # target id of every draft index (drawn trees)
 
     def set_sampling(self, temperature: float, generator: torch.Generator | None) -> None:
         """The decoder's temperature and random generator, which sampled trees draw with."""
@@ -175,11 +183,23 @@ class HeadDrafter:
     def _draw(self, logits: Tensor, k: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """k draft-vocabulary ids drawn without replacement from q = softmax(logits / T), in
         draw order, and (target ids, q) for acceptance."""
-        q = torch.softmax(logits.double() / self.temperature, -1)
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("draft head: non-finite logits while drawing a tree")
+        q = torch.softmax(logits.double() / self.temperature, -1).cpu()
         k = min(k, int((q > 0).sum()))
-        ids = torch.multinomial(q.cpu(), k, replacement=False, generator=self.generator)
-        every = torch.arange(q.shape[-1], device=q.device)
-        return ids.to(logits.device), (self.head.to_target(every).cpu(), q.cpu())
+        ids = torch.multinomial(q, k, replacement=False, generator=self.generator)
+        return ids.to(logits.device), (self._target_ids(q.shape[-1]), q)
+
+    def _target_ids(self, n: int) -> Tensor:
+        """Target id of each of the n draft indices, checked one-to-one once: acceptance
+        places q on target ids, and two draft rows of one token would merge their mass."""
+        if self._draft_ids is None or len(self._draft_ids) != n:
+            ids = self.head.to_target(torch.arange(n, device=self.device)).cpu()
+            if len(torch.unique(ids)) != n:
+                raise ValueError("tree.sampled needs a draft vocabulary without repeated "
+                                 "target tokens (d2t maps two draft rows to one token)")  # fmt: skip
+            self._draft_ids = ids
+        return self._draft_ids
 
     @staticmethod
     def _level_mask(

@@ -144,8 +144,15 @@ def _try_drawn(kids, tokens, probs, dist, generator) -> tuple[int | None, Tensor
         if total <= 0:  # p == q up to rounding: rejection had probability ~0
             return None, p
         p = r / total
-        q[x] = 0.0
-        if q.sum() <= 0:
+        q = _without(q, x)
+        if q is None:
             break
-        q = q / q.sum()
     return None, p
+
+
+def _without(q: Tensor, x: int) -> Tensor | None:
+    """The distribution the next draw came from: q with x removed, renormalised (None when
+    nothing is left to draw)."""
+    q[x] = 0.0
+    total = q.sum()
+    return q / total if total > 0 else None
