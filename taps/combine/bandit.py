@@ -1,7 +1,7 @@
 """The bandit baseline of online routing: one drafter drafts per cycle and the router learns
 only from that drafter's own accepted length (bandit feedback), where Hedge scores every
 drafter (taps/combine/hedge.py). Rewards are accepted draft tokens over the most a tree can
-accept (its tree's draft levels), so they lie in [0, 1]. A drafter catches up only when it is chosen.
+accept (its draft levels), so they lie in [0, 1]. A drafter catches up only when it is chosen.
 
 - `ucb` (UCB1): the drafter with the best mean reward plus c * sqrt(2 ln t / n_d); untried first.
 - `exp3`: sample from (1 - gamma) w / sum(w) + gamma / K; importance-weighted updates."""
@@ -60,7 +60,7 @@ class BanditRouter(OnlineRouter):
 
     def observe(self, accepted: int) -> None:
         spec = self.depths[self.chosen]
-        most = max(accepted, 1) if spec is None else spec.draft_levels(0.0 if self.greedy else 1)
+        most = max(accepted, 1) if spec is None else spec.draft_levels(self.temperature)
         reward = min(accepted / most, 1.0)
         i = self.chosen
         if self.algorithm == "exp3":

@@ -86,7 +86,7 @@ class OnlineRouter(DrafterGroup):
         if feedback_every is not None and feedback_every < 1:
             raise ValueError(f"routing.feedback_every={feedback_every}: need >= 1")
         self.reset, self.seed, self.feedback_every = reset, seed, feedback_every
-        self.greedy = True
+        self.temperature = 0.0
         self.chosen = 0
         self.new_session()
 
@@ -108,8 +108,13 @@ class OnlineRouter(DrafterGroup):
     def learn(self, scores: Tensor) -> None:
         """Full information: scores [cycles, drafters] of the cycles since the last call."""
 
-    def set_temperature(self, temperature: float) -> None:
-        self.greedy = temperature <= 0
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def set_sampling(self, temperature: float, generator: torch.Generator | None) -> None:
+        self.temperature = temperature
+        super().set_sampling(temperature, generator)
 
     def _drop_pending(self) -> None:
         k = len(self.drafters)

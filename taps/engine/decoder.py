@@ -165,10 +165,9 @@ class SpeculativeDecoder:
         out: list[int] = []
         done = _extend(out, [root], self.eos_ids, max_new_tokens)
         if not done:
-            # Online routers score drafters differently when sampling (taps/combine/online.py).
-            if hasattr(self.proposer, "set_temperature"):
-                self.proposer.set_temperature(temperature)
-            if hasattr(self.proposer, "set_sampling"):  # drafters that draw (TreeSpec.sampled)
+            # Drafters that draw their trees (TreeSpec.sampled) draw at this temperature with
+            # this generator; online routers score drafters differently when sampling.
+            if hasattr(self.proposer, "set_sampling"):
                 self.proposer.set_sampling(temperature, generator)
             if hasattr(self.proposer, "set_prompt"):  # proposers that read prompt[0] too
                 self.proposer.set_prompt(prompt)

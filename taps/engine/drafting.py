@@ -153,7 +153,7 @@ class HeadDrafter:
         Its shape never depends on what was drawn, which keeps recursive rejection lossless."""
         head, room = self.head, self.spec.total_tokens - 1
         committed = self.cache.length
-        tok, par, lp, ent, dists = [self.root], [-1], [0.0], [0.0], {}
+        tok, par, lp, score, ent, dists = [self.root], [-1], [0.0], [0.0], [0.0], {}
         g, parent = self.last_g, 0
         for level in range(self.spec.depth + 1):
             logits = head.logits(g)
@@ -161,7 +161,9 @@ class HeadDrafter:
             ids, dists[parent] = self._draw(logits, min(self.spec.top_k, room - len(tok) + 1))
             e = float(_entropy(logp))
             tok += head.to_target(ids).tolist()
-            lp += logp[ids].tolist()
+            new = logp[ids].tolist()
+            lp += new
+            score += [score[parent] + v for v in new]
             par += [parent] * len(ids)
             ent += [e] * len(ids)
             if level == self.spec.depth or len(tok) > room:
@@ -170,12 +172,9 @@ class HeadDrafter:
             toks = torch.tensor([[tok[parent]]], device=self.device)
             g = head(g[None, None], toks, cache=self.cache)[0, 0]  # sees its whole spine
         self.cache.truncate(committed)
-        lps = torch.tensor(lp, dtype=torch.float64)
-        scores = lps.clone()
-        for i in range(1, len(par)):
-            scores[i] += scores[par[i]]
         return DraftTree(
-            tokens=torch.tensor(tok), parents=par, logprobs=lps, scores=scores,
+            tokens=torch.tensor(tok), parents=par, logprobs=torch.tensor(lp, dtype=torch.float64),
+            scores=torch.tensor(score, dtype=torch.float64),
             entropies=torch.tensor(ent, dtype=torch.float64), drafter=self.index,
             draft_forwards=level + 1, draft_dists=dists,
         )  # fmt: skip
