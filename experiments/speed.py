@@ -241,7 +241,7 @@ def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
     for n, d in decoders.items():
         if n == ORACLE_RUN:
             continue  # its costs are the target's, not a drafter's
-        c = speed.unit_costs(d, prompts[0])
+        c = speed.unit_costs(d, prompts[0], float(cfg.temperature))
         c["ideal_speedup_vs_vanilla"] = round(
             summary["methods"][n]["tau"] * c["step_s"] / (c["draft_s"] + c["verify_s"]), 3
         )

@@ -58,6 +58,23 @@ def test_measure_and_summarise_on_a_tiny_target(tiny64):
     assert costs["tree_tokens"] <= 6 and min(costs["step_s"], costs["verify_s"]) > 0
 
 
+@pytest.mark.parametrize("decoded_at,timed_at", [(0.0, 1.0), (1.0, 0.0)])
+def test_unit_costs_time_the_tree_of_the_runs_temperature(tiny64, decoded_at, timed_at):
+    """A drawn tree is drafted only at T > 0: the cost estimate must time the tree the run
+    decodes with, not the one of whatever temperature the drafter decoded at last."""
+    torch.manual_seed(0)
+    model = tiny64.model
+    drafter = HeadDrafter(DraftHead.for_target(model), TreeSpec(3, 2, 6, sampled=True))
+    dec = SpeculativeDecoder(model, drafter, set())
+    dec.generate(
+        [5, 9, 13, 4], 8, temperature=decoded_at, generator=torch.Generator().manual_seed(0)
+    )
+    drawn, real = [], drafter._propose_sampled
+    drafter._propose_sampled = lambda: drawn.append(1) or real()  # type: ignore[method-assign]
+    costs = speed.unit_costs(dec, [5, 9, 13, 4], timed_at, reps=2)
+    assert bool(drawn) == (timed_at > 0) and costs["verify_s"] > 0
+
+
 def test_summarise_medians_of_per_prompt_ratios():
     def rec(a_s: float, b_s: float) -> dict:
         mem = {"kind": "cpu_rss", "peak_mb": 1.0, "extra_mb": 0.0}

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, aux_layers, vanilla_generate
 from taps.engine.tree import verification_inputs
-from taps.engine.verify import accept_greedy
+from taps.engine.verify import accept_greedy, accept_sampling
 from taps.eval.evaluate import phase_ms
 from taps.eval.grid import load_prompts
 from taps.eval.metrics import percentile_interval
@@ -211,11 +211,17 @@ def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 0) -> floa
 
 @torch.no_grad()
 @fast_linear()  # the kernels the decoders use, so unit costs match the decoding they explain
-def unit_costs(decoder: SpeculativeDecoder, prompt: list[int], reps: int = 5) -> dict:
+def unit_costs(
+    decoder: SpeculativeDecoder, prompt: list[int], temperature: float = 0.0, reps: int = 5
+) -> dict:
     """Seconds of one vanilla step, one tree draft and one verification (target forward plus
-    greedy acceptance, with the decoder's own LM-head rule) after the prompt's prefill."""
+    acceptance, with the decoder's own LM-head rule) after the prompt's prefill, at the run's
+    temperature: a drawn tree (`TreeSpec.sampled`) is drafted and accepted as it is decoded."""
     target, proposer = decoder.target, decoder.proposer
     dev = target.lm_head.weight.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    if hasattr(proposer, "set_sampling"):  # else it drafts whatever it last decoded at
+        proposer.set_sampling(temperature, gen)
     cache = target.new_cache(len(prompt) + 256)
     ids = torch.tensor([prompt], device=dev)
     states = target.states(ids, cache=cache, capture=aux_layers(proposer))[0]
@@ -226,8 +232,11 @@ def unit_costs(decoder: SpeculativeDecoder, prompt: list[int], reps: int = 5) ->
     tokens, pos, mask = verification_inputs(tree, prefix, dev)
 
     def verify() -> None:
-        h = target(tokens, pos, cache, mask)[0]
-        accept_greedy(tree, decoder.tree_logits(tree, h))
+        logits = decoder.tree_logits(tree, target(tokens, pos, cache, mask)[0])
+        if temperature > 0:
+            accept_sampling(tree, logits, temperature, 1.0, gen)
+        else:
+            accept_greedy(tree, logits)
         cache.truncate(prefix)
 
     def step() -> None:
