@@ -31,6 +31,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from taps.data.drafters import drafter_data
     from taps.engine.decoder import SpeculativeDecoder
     from taps.eval import grid
+    from taps.eval.ties import check_lossless
     from taps.models.precision import cast_for_serving
     from taps.models.target import shared_target
     from taps.report.files import describe, run_meta
@@ -75,6 +76,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     print(describe(paths))
     if tracker.run_dir:
         print(f"  W&B offline run: {Path(tracker.run_dir).parent}  (upload: wandb sync <dir>)")
+    check_lossless(result.rows, str(run_dir))  # after writing: the results show what diverged
     return {"rows": result.rows, "paths": paths, "decoded": result.decoded}
 
 
@@ -89,10 +91,12 @@ def main(cfg: DictConfig) -> None:
     if "name" in cfg.logger and cfg.logger.name is None and hc.job.override_dirname:
         with open_dict(cfg):  # a sweep job's W&B run is named by its overrides
             cfg.logger.name = hc.job.override_dirname
+    from taps.eval.ties import LosslessError  # imports torch: only once Hydra has parsed
+
     try:
         run(cfg, hc.runtime.output_dir)
-    except (SettingsError, DataError, IntegrityError) as e:  # the user's to fix: no traceback
-        raise SystemExit(f"error: {e}") from None
+    except (SettingsError, DataError, IntegrityError, LosslessError) as e:
+        raise SystemExit(f"error: {e}") from None  # a finding to act on, not a crash to debug
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import pytest
 
 from taps.engine.stats import CycleStats, Generation
 from taps.eval.metrics import acceptance_by_depth, node_stats, tau
-from taps.eval.ties import compare, tie_threshold
-from taps.report.files import to_csv, to_markdown
+from taps.eval.ties import LosslessError, check_lossless, compare, tie_threshold
+from taps.report.files import identity, to_csv, to_markdown
 
 
 def gen(accepted: list[int], new: int) -> Generation:
@@ -79,3 +79,31 @@ def test_tables_hold_every_row():
     assert len(csv) == 4 and csv[0].startswith("variant,")
     md = to_markdown(rows)
     assert "tau at T=0" in md and "tau at T=1" in md and "1.60" in md and "1.70" in md
+
+
+def _divergence(qid: str, near_tie: bool) -> dict:
+    return dict(question_id=qid, turn=0, identical=False, position=7, top2_gap=2.5,
+                spec_top2_gap=0.0, top1_logit=20.0, threshold=0.6, dtype="bfloat16",
+                near_tie=near_tie)  # fmt: skip
+
+
+def test_lossless_check_fails_on_a_clear_divergence_and_reports_near_ties():
+    """Near-ties pass and are counted; a divergence where the target had a clear choice raises,
+    naming the question, once even when a stream repeats it in a per-source row."""
+    tie, real = _divergence("q1", True), _divergence("q2", False)
+    check = {"checked_turns": 4, "identical_fraction": 0.5, "divergences": [tie, real]}
+    assert identity(check) == "2/4 turns (1 near-tie, 1 NOT a near-tie)"
+    assert identity({"checked_turns": 3, "identical_fraction": 1 / 3,
+                     "divergences": [tie, tie]}) == "1/3 turns (2 near-ties)"  # fmt: skip
+    assert identity({"checked_turns": 2, "identical_fraction": 1.0, "divergences": []}) == (
+        "2/2 turns"
+    )
+    ok = {"variant": "v", "bench": "gsm8k", "temperature": 0.0,
+          "lossless": {**check, "divergences": [tie]}}  # fmt: skip
+    check_lossless([ok, {"variant": "v", "bench": "gsm8k", "temperature": 1.0}], "out/")
+    rows = [{**ok, "bench": "stream", "lossless": check},
+            {**ok, "bench": "stream/gsm8k", "lossless": check}]  # fmt: skip
+    with pytest.raises(
+        LosslessError, match=r"(?s)^1 greedy divergence.*out/.*question 'q2' turn 1"
+    ):
+        check_lossless(rows, "out/")

@@ -307,3 +307,23 @@ def test_tiny_hedge_run_on_the_stream_reports_per_source_and_weights(tmp_path):
     assert out["paths"]["weights"].stat().st_size > 1000
     md = (tmp_path / "results.md").read_text()
     assert "speed against vanilla decoding" in md and "stream/gsm8k" in md
+
+
+def test_a_run_whose_greedy_output_leaves_vanilla_fails_after_writing(tmp_path, monkeypatch):
+    """A divergence from vanilla greedy decoding that is not a near-tie is a wrong decoding
+    path: the run writes its results (to look at) and then fails, naming the turn."""
+    import taps.eval.evaluate as evaluate
+    from taps.eval.ties import LosslessError
+
+    def clear_divergence(spec, ref, dtype, near_tie):
+        return dict(identical=False, position=3, top2_gap=5.0, spec_top2_gap=0.0,
+                    top1_logit=9.0, threshold=1e-5, dtype="float32", near_tie=False)  # fmt: skip
+
+    monkeypatch.setattr(evaluate, "compare", clear_divergence)
+    cfg = cfg_with([*TINY, "logger=none", "eval.verify_lossless=true", "bench=gsm8k",
+                    "bench.limit=1"], tmp_path)  # fmt: skip
+    with pytest.raises(LosslessError, match="gsm8k question '0' turn 1: token 3 differs"):
+        run(cfg, tmp_path)
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["lossless"]["all_divergences_near_ties"] is False
+    assert "0/1 turns (1 NOT a near-tie)" in (tmp_path / "results.md").read_text()

@@ -56,3 +56,27 @@ def compare(spec: Generation, ref: Generation, dtype: torch.dtype, near_tie: flo
         "dtype": str(dtype).removeprefix("torch."),
         "near_tie": bool(gaps) and threshold is not None and max(gaps) <= threshold,
     }
+
+
+class LosslessError(RuntimeError):
+    """Greedy speculative decoding left vanilla decoding where the target had a clear choice:
+    the decoding path is wrong, whatever else the run measured."""
+
+
+def check_lossless(rows: list[dict], where: str) -> None:
+    """Raise LosslessError naming every divergence (in rows' `lossless` checks) that is not a
+    near-tie; `where` says where the results were kept for inspection."""
+    bad: dict[tuple, str] = {}  # a stream's divergences also appear in its per-source rows
+    for r in rows:
+        for d in (r.get("lossless") or {}).get("divergences", []):
+            if d["near_tie"]:
+                continue
+            key = (r.get("variant"), r.get("temperature"), d["question_id"], d["turn"])
+            bad.setdefault(key, f"{r.get('variant')} {r['bench']} question {d['question_id']!r} "
+                           f"turn {d['turn'] + 1}: token {d['position']} differs, top-2 gaps "
+                           f"{d['top2_gap']} / {d['spec_top2_gap']} > {d['threshold']} "
+                           f"({d['dtype']})")  # fmt: skip
+    if bad:
+        lines = "\n  ".join(list(bad.values())[:10])
+        raise LosslessError(f"{len(bad)} greedy divergence(s) from vanilla decoding are not "
+                            f"near-ties (results kept in {where}):\n  {lines}")  # fmt: skip

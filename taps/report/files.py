@@ -103,11 +103,9 @@ def speed_lines(rows: list[dict]) -> list[str]:
              "", "| variant | bench | tau | speculative tok/s | vanilla tok/s | speedup | "
              "identical to vanilla |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in timed:
-        check = r.get("lossless") or {}
-        same = round(check.get("identical_fraction", 0) * check.get("checked_turns", 0))
         lines.append(f"| {r['variant']} | {r['bench']} | {r['tau']:.2f} | {r['tokens_per_s']:.1f} "
                      f"| {r['vanilla_tokens_per_s']:.1f} | {r['speedup_vs_vanilla']:.2f}x | "
-                     f"{same}/{check.get('checked_turns', 0)} turns |")  # fmt: skip
+                     f"{identity(r.get('lossless') or {})} |")  # fmt: skip
     spec = sum(r["new_tokens"] for r in timed) / sum(r["wall_time_s"] for r in timed)
     van = sum(r["new_tokens"] for r in timed) / sum(
         r["new_tokens"] / r["vanilla_tokens_per_s"] for r in timed
@@ -115,6 +113,18 @@ def speed_lines(rows: list[dict]) -> list[str]:
     lines += ["", f"**Overall: {spec:.1f} tok/s speculative vs {van:.1f} tok/s vanilla: "
               f"{spec / van:.2f}x.**", ""]  # fmt: skip
     return lines
+
+
+def identity(check: dict) -> str:
+    """'3/4 turns (1 near-tie)': identical turns, and what the others' divergences were."""
+    turns = check.get("checked_turns", 0)
+    same = round(check.get("identical_fraction", 0) * turns)
+    bad = check.get("divergences", [])
+    ties = sum(bool(d.get("near_tie")) for d in bad)
+    notes = [f"{ties} near-tie{'s' * (ties != 1)}"] if ties else []
+    if len(bad) > ties:
+        notes.append(f"{len(bad) - ties} NOT a near-tie")
+    return f"{same}/{turns} turns" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _fmt(v: object) -> str:
