@@ -140,7 +140,8 @@ def ceiling(rows: dict) -> dict:
 
 def markdown(summary: dict) -> str:
     cols = ["tokens_per_s", "vs_hf_generate", "vs_ours_vanilla", "tau",
-            "identical_to_hf_generate", "identical_to_ours_vanilla", "peak_memory_mb"]  # fmt: skip
+            "identical_to_hf_generate", "identical_to_ours_vanilla", "near_ties_vs_ours_vanilla",
+            "not_near_ties_vs_ours_vanilla", "peak_memory_mb"]  # fmt: skip
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in summary["methods"].items():
         lines.append(f"| {name} | " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
@@ -233,7 +234,7 @@ def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
 
     records = speed.measure(prompts, methods, int(cfg.max_new_tokens), int(cfg.seed), dev,
                             int(cfg.speed.warmup_tokens), show)  # fmt: skip
-    summary = speed.speed_summary(records, float(cfg.temperature), ref)
+    summary = speed.speed_summary(records, float(cfg.temperature), ref, dtype)
     summary.update(bench=cfg.bench.benchmarks[0], threads=torch.get_num_threads(),
                    device=str(dev), dtype=str(dtype).removeprefix("torch."))  # fmt: skip
     summary["ceiling"] = ceiling(summary["methods"])
@@ -277,6 +278,19 @@ def main(cfg: DictConfig) -> None:
     track(cfg, doc, out_dir)
     print((out_dir / "results.md").read_text())
     print(f"written: {out_dir / 'results.json'}, results.md, speed.png")
+    check_identity(doc["methods"], out_dir)
+
+
+def check_identity(rows: dict, out_dir: Path) -> None:
+    """Exit 1, after the results are written, where a greedy speculative method left our
+    vanilla loop where the target had a clear choice: its decoding path is wrong."""
+    bad = {n: [(d["prompt"], d["position"], d["top2_gap"], d["threshold"])
+               for d in r.get("divergences_not_near_ties", [])] for n, r in rows.items()}  # fmt: skip
+    bad = {n: b for n, b in bad.items() if b}
+    if bad:
+        raise SystemExit(f"error: greedy divergences from our vanilla loop that are not near-ties "
+                         f"(method: [(prompt, token, top-2 gap, threshold)]): {bad}; results "
+                         f"kept in {out_dir}")  # fmt: skip
 
 
 if __name__ == "__main__":

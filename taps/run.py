@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from taps.config import CONF_DIR
 from taps.data.conversations import DataError
+from taps.eval.ties import LosslessError, check_lossless
 from taps.paths import IntegrityError
 from taps.settings import SettingsError, validate
 
@@ -31,7 +32,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from taps.data.drafters import drafter_data
     from taps.engine.decoder import SpeculativeDecoder
     from taps.eval import grid
-    from taps.eval.ties import check_lossless
     from taps.models.precision import cast_for_serving
     from taps.models.target import shared_target
     from taps.report.files import describe, run_meta
@@ -73,9 +73,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         paths = publish(run_dir, result.rows, meta, tracker, result.outputs)
     finally:
         tracker.finish()
-    print(describe(paths))
-    if tracker.run_dir:
-        print(f"  W&B offline run: {Path(tracker.run_dir).parent}  (upload: wandb sync <dir>)")
+    print(describe(paths, tracker.run_dir))
     check_lossless(result.rows, str(run_dir))  # after writing: the results show what diverged
     return {"rows": result.rows, "paths": paths, "decoded": result.decoded}
 
@@ -91,8 +89,6 @@ def main(cfg: DictConfig) -> None:
     if "name" in cfg.logger and cfg.logger.name is None and hc.job.override_dirname:
         with open_dict(cfg):  # a sweep job's W&B run is named by its overrides
             cfg.logger.name = hc.job.override_dirname
-    from taps.eval.ties import LosslessError  # imports torch: only once Hydra has parsed
-
     try:
         run(cfg, hc.runtime.output_dir)
     except (SettingsError, DataError, IntegrityError, LosslessError) as e:

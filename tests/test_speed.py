@@ -49,8 +49,9 @@ def test_measure_and_summarise_on_a_tiny_target(tiny64):
         phases = r["ours_spec_single"]["phase_s"]
         assert {"prefill", "draft", "verify", "accept"} <= set(phases)
         assert sum(phases.values()) <= r["ours_spec_single"]["s"] + 1e-3
-    s = speed.speed_summary(records, 0.0)
+    s = speed.speed_summary(records, 0.0, dtype=torch.float32)
     van, spec = s["methods"]["ours_vanilla"], s["methods"]["ours_spec_single"]
+    assert spec["near_ties_vs_ours_vanilla"] == spec["not_near_ties_vs_ours_vanilla"] == 0
     assert van["vs_ours_vanilla"] == 1.0 and "tau" not in van
     assert spec["tau"] >= 1.0 and set(spec["ms_per_cycle"]) >= {"draft", "verify", "accept"}
     assert "vs_hf_generate" not in spec  # no baseline (a) in this run: no ratio invented
@@ -155,3 +156,28 @@ def test_experiment_scripts_answer_help():
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.startswith(first)
+
+
+def test_greedy_divergences_from_vanilla_are_classified_and_a_clear_one_fails(tmp_path):
+    """A speculative output that leaves our vanilla loop is a near-tie when the target's top-2
+    logits were within the precision's noise there; otherwise the script exits 1 naming it."""
+    mem = {"kind": "cpu_rss", "peak_mb": 1.0, "extra_mb": 0.0}
+
+    def rec(i: int, spec_tokens: list[int], gap: float) -> dict:
+        van = {"tokens": [1, 2, 3], "s": 1.0, "tau": None, "memory": mem,
+               "top1_logits": [20.0] * 3, "top2_gaps": [3.0, gap, 3.0]}  # fmt: skip
+        spec = {**van, "tokens": spec_tokens, "tau": 2.0, "cycles": 1, "phase_s": {}}
+        return {"prompt": i, "ours_vanilla": van, "ours_spec_single": spec}
+
+    records = [rec(0, [1, 2, 3], 3.0), rec(1, [1, 4, 3], 0.1), rec(2, [1, 4, 3], 2.0)]
+    s = speed.speed_summary(records, 0.0, dtype=torch.bfloat16)["methods"]["ours_spec_single"]
+    assert s["identical_to_ours_vanilla"] == 1  # bf16 at |top-1| 20: threshold 0.625
+    assert s["near_ties_vs_ours_vanilla"] == 1 and s["not_near_ties_vs_ours_vanilla"] == 1
+    (bad,) = s["divergences_not_near_ties"]
+    assert bad["prompt"] == 2 and bad["position"] == 1 and bad["top2_gap"] == 2.0
+    f32 = speed.speed_summary(records, 0.0, dtype=torch.float32)["methods"]["ours_spec_single"]
+    assert f32["not_near_ties_vs_ours_vanilla"] == 2  # the same gaps are clear in float32
+    script = experiment_script("speed")
+    script.check_identity({"ours_spec_single": {**s, "divergences_not_near_ties": []}}, tmp_path)
+    with pytest.raises(SystemExit, match=r"not near-ties.*'ours_spec_single': \[\(2, 1, 2.0"):
+        script.check_identity({"ours_spec_single": s}, tmp_path)

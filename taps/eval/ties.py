@@ -18,14 +18,19 @@ margin of 2.5: a threshold of 0.4-1.0 logits at |top-1| 13-33 in bf16.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from taps.engine.stats import Generation
+
+if TYPE_CHECKING:  # torch loads in the functions: the entry point imports this before parsing
+    import torch
 
 TIE_EPS = 4.0
 
 
 def tie_threshold(dtype: torch.dtype, top1: float) -> float:
+    import torch
+
     return TIE_EPS * torch.finfo(dtype).eps * max(abs(top1), 1.0)
 
 

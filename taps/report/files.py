@@ -287,11 +287,15 @@ def unchanged(run_dir: str | Path, rows: list[dict]) -> bool:
     return same and all(p.is_file() for k, p in result_paths(run_dir).items() if k not in optional)
 
 
-def describe(paths: dict[str, Path]) -> str:
-    """Where a run's files are, then its Markdown table: what `python -m taps.run` prints."""
+def describe(paths: dict[str, Path], wandb_dir: str | None = None) -> str:
+    """Where a run's files are, its Markdown table, and its offline W&B run if there is one:
+    what `python -m taps.run` prints."""
     lines = [f"routing shares: {paths['routing']}"] if "routing" in paths else []
     lines += [f"routing weights: {paths['weights']}"] if "weights" in paths else []
     lines += ["", f"results: {paths['json']}", f"  table: {paths['md']}",
               f"  csv:   {paths['csv']}", f"  texts: {paths['outputs']}",
               f"  plots: {paths['heatmap']}", f"         {paths['depth']}"]  # fmt: skip
-    return "\n".join(lines) + "\n" + Path(paths["md"]).read_text()
+    text = "\n".join(lines) + "\n" + Path(paths["md"]).read_text()
+    if wandb_dir:
+        text += f"  W&B offline run: {Path(wandb_dir).parent}  (upload: wandb sync <dir>)\n"
+    return text

@@ -20,11 +20,13 @@ from omegaconf import DictConfig
 
 from taps.data.template import prompt_ids
 from taps.engine.decoder import SpeculativeDecoder, aux_layers, vanilla_generate
+from taps.engine.stats import Generation
 from taps.engine.tree import verification_inputs
 from taps.engine.verify import accept_greedy, accept_sampling
 from taps.eval.evaluate import phase_ms
 from taps.eval.grid import load_prompts
 from taps.eval.metrics import percentile_interval
+from taps.eval.ties import compare
 from taps.memory import PeakMemory
 from taps.models.linear import fast_linear
 from taps.models.llama import Llama
@@ -39,6 +41,10 @@ class Decoded:
     tau: float | None = None  # speculative methods: new tokens per target forward
     cycles: int = 0
     phase_s: dict[str, float] = field(default_factory=dict)
+    # Greedy only: the target's top-1 logit and top-2 gap where each token was chosen, to tell
+    # a divergence from our vanilla loop at a floating-point near-tie from a wrong decoding.
+    top1: list[float] | None = None
+    gaps: list[float] | None = None
 
 
 Method = Callable[[list[int], int, torch.Generator], Decoded]
@@ -86,13 +92,17 @@ def our_methods(
 ) -> dict:
     """(c) our vanilla loop and (d) our speculative decoders, named."""
 
+    def logits(g: Generation) -> dict:
+        return {} if temperature > 0 else {"top1": g.top1_logits, "gaps": g.top2_gaps}
+
     def vanilla(ids: list[int], n: int, gen: torch.Generator) -> Decoded:
-        return Decoded(vanilla_generate(target, ids, n, eos, temperature, 1.0, gen).tokens)
+        g = vanilla_generate(target, ids, n, eos, temperature, 1.0, gen)
+        return Decoded(g.tokens, **logits(g))
 
     def speculative(dec: SpeculativeDecoder) -> Method:
         def run(ids: list[int], n: int, gen: torch.Generator) -> Decoded:
             g = dec.generate(ids, n, temperature, 1.0, gen, record_nodes=False)
-            return Decoded(g.tokens, g.tau, len(g.cycles), g.phase_s)
+            return Decoded(g.tokens, g.tau, len(g.cycles), g.phase_s, **logits(g))
 
         return run
 
@@ -125,6 +135,8 @@ def measure(
                 secs = time.perf_counter() - t
             rec[name] = {"tokens": out.tokens, "s": secs, "tau": out.tau, "cycles": out.cycles,
                          "phase_s": out.phase_s, "memory": mem.as_dict()}  # fmt: skip
+            if out.gaps is not None:
+                rec[name].update(top1_logits=out.top1, top2_gaps=out.gaps)
         records.append(rec)
         if progress is not None:
             progress(i, rec)
@@ -164,10 +176,16 @@ def paired_ratios(records: list[dict], ref: str, samples: int = 2000, seed: int 
     return {"ref": ref, "prompts": len(records), "methods": out}
 
 
-def speed_summary(records: list[dict], temperature: float, ref: str | None = None) -> dict:
+def speed_summary(
+    records: list[dict],
+    temperature: float,
+    ref: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
     """Per method: median tokens/s, median per-prompt speedups against (a) and (c), median tau,
-    outputs identical to (a) (greedy only), ms per cycle by phase, and peak memory; with `ref`,
-    also every method paired against it (`paired_ratios`)."""
+    outputs identical to (a) and (c) (greedy only), ms per cycle by phase, and peak memory;
+    with `ref`, also every method paired against it (`paired_ratios`); with the target's
+    `dtype`, each greedy divergence from (c) classified as a near-tie or not (`near_ties`)."""
     names = _names(records)
     med = statistics.median
     out = {}
@@ -188,6 +206,8 @@ def speed_summary(records: list[dict], temperature: float, ref: str | None = Non
         ):
             if temperature <= 0 and base in records[0]:
                 row[key] = sum(r[n]["tokens"] == r[base]["tokens"] for r in records)
+        if temperature <= 0 and dtype is not None and "top2_gaps" in records[0][n]:
+            row.update(near_ties(records, n, dtype))
         row["peak_memory_mb"] = max(r[n]["memory"]["peak_mb"] for r in records)
         row["extra_memory_mb"] = max(r[n]["memory"]["extra_mb"] for r in records)
         out[n] = row
@@ -195,6 +215,27 @@ def speed_summary(records: list[dict], temperature: float, ref: str | None = Non
     if ref is not None:
         summary["paired"] = paired_ratios(records, ref)
     return summary
+
+
+def near_ties(records: list[dict], name: str, dtype: torch.dtype) -> dict:
+    """Of the prompts where greedy method `name` left our vanilla loop, how many did so at a
+    near-tie of the target's top-2 logits (taps/eval/ties.py), and the others in full."""
+    if name == VANILLA or "top2_gaps" not in records[0].get(VANILLA, {}):
+        return {}
+    ties, bad = 0, []
+    for r in records:
+        if r[name]["tokens"] == r[VANILLA]["tokens"]:
+            continue
+        d = compare(_generation(r[name]), _generation(r[VANILLA]), dtype, None)
+        ties += d["near_tie"]
+        if not d["near_tie"]:
+            bad.append({"prompt": r["prompt"], **d})
+    return {"near_ties_vs_ours_vanilla": ties, "not_near_ties_vs_ours_vanilla": len(bad),
+            "divergences_not_near_ties": bad}  # fmt: skip
+
+
+def _generation(m: dict) -> Generation:
+    return Generation(m["tokens"], 0, 0.0, top2_gaps=m["top2_gaps"], top1_logits=m["top1_logits"])
 
 
 def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 0) -> float:
