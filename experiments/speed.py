@@ -12,9 +12,11 @@ prompts in one process (issue 7):
 
 Prints and writes (outputs/speed/<stamp>/: results.json, results.md, speed.png, and an offline
 W&B run) tokens/s, speedups (medians over prompts of per-prompt ratios) against (a) and (c),
-tau, whether outputs equal (a)'s at T=0, milliseconds per cycle by phase (draft, verify,
-accept, commit), peak memory, and the ideal speedup tau x t_step / (t_draft + t_verify) from
-the measured cost of one vanilla step, one tree draft and one verification.
+tau, whether outputs equal (a)'s and (c)'s at T=0 (each divergence from (c) classified as a
+near-tie of the target's top-2 logits or not: exit 1, after writing, if one is not),
+milliseconds per cycle by phase (draft, verify, accept, commit), peak memory, and the ideal
+speedup tau x t_step / (t_draft + t_verify) from the measured cost of one vanilla step, one
+tree draft and one verification.
 """
 
 from __future__ import annotations
@@ -234,6 +236,8 @@ def measure_all(cfg: DictConfig, out_dir: Path) -> dict:
 
     records = speed.measure(prompts, methods, int(cfg.max_new_tokens), int(cfg.seed), dev,
                             int(cfg.speed.warmup_tokens), show)  # fmt: skip
+    for r, q in zip(records, questions, strict=True):
+        r["question_id"] = q.question_id
     summary = speed.speed_summary(records, float(cfg.temperature), ref, dtype)
     summary.update(bench=cfg.bench.benchmarks[0], threads=torch.get_num_threads(),
                    device=str(dev), dtype=str(dtype).removeprefix("torch."))  # fmt: skip
@@ -284,12 +288,12 @@ def main(cfg: DictConfig) -> None:
 def check_identity(rows: dict, out_dir: Path) -> None:
     """Exit 1, after the results are written, where a greedy speculative method left our
     vanilla loop where the target had a clear choice: its decoding path is wrong."""
-    bad = {n: [(d["prompt"], d["position"], d["top2_gap"], d["threshold"])
+    bad = {n: [(d["question_id"], d["position"], d["top2_gap"], d["threshold"])
                for d in r.get("divergences_not_near_ties", [])] for n, r in rows.items()}  # fmt: skip
     bad = {n: b for n, b in bad.items() if b}
     if bad:
         raise SystemExit(f"error: greedy divergences from our vanilla loop that are not near-ties "
-                         f"(method: [(prompt, token, top-2 gap, threshold)]): {bad}; results "
+                         f"(method: [(question, token, top-2 gap, threshold)]): {bad}; results "
                          f"kept in {out_dir}")  # fmt: skip
 
 

@@ -101,9 +101,13 @@ def test_lossless_check_fails_on_a_clear_divergence_and_reports_near_ties():
     ok = {"variant": "v", "bench": "gsm8k", "temperature": 0.0,
           "lossless": {**check, "divergences": [tie]}}  # fmt: skip
     check_lossless([ok, {"variant": "v", "bench": "gsm8k", "temperature": 1.0}], "out/")
-    rows = [{**ok, "bench": "stream", "lossless": check},
-            {**ok, "bench": "stream/gsm8k", "lossless": check}]  # fmt: skip
+    assert identity({**check, "divergences": [real, real]}) == "2/4 turns (2 NOT near-ties)"
+    rows = [{**ok, "bench": "stream", "cell": "c1", "lossless": check},
+            {**ok, "bench": "stream/gsm8k", "cell": "c1", "lossless": check}]  # fmt: skip
     with pytest.raises(
         LosslessError, match=r"(?s)^1 greedy divergence.*out/.*question 'q2' turn 1"
     ):
         check_lossless(rows, "out/")
+    two = [{**rows[0], "bench": "gsm8k", "cell": "c2"}, {**rows[0], "bench": "svamp", "cell": "c3"}]
+    with pytest.raises(LosslessError, match=r"(?s)^2 greedy.*gsm8k question 'q2'.*svamp question"):
+        check_lossless(two, "out/")  # the same question id in two benchmarks: two failures

@@ -167,7 +167,7 @@ def test_greedy_divergences_from_vanilla_are_classified_and_a_clear_one_fails(tm
         van = {"tokens": [1, 2, 3], "s": 1.0, "tau": None, "memory": mem,
                "top1_logits": [20.0] * 3, "top2_gaps": [3.0, gap, 3.0]}  # fmt: skip
         spec = {**van, "tokens": spec_tokens, "tau": 2.0, "cycles": 1, "phase_s": {}}
-        return {"prompt": i, "ours_vanilla": van, "ours_spec_single": spec}
+        return {"prompt": i, "question_id": f"q{i}", "ours_vanilla": van, "ours_spec_single": spec}
 
     records = [rec(0, [1, 2, 3], 3.0), rec(1, [1, 4, 3], 0.1), rec(2, [1, 4, 3], 2.0)]
     s = speed.speed_summary(records, 0.0, dtype=torch.bfloat16)["methods"]["ours_spec_single"]
@@ -179,5 +179,5 @@ def test_greedy_divergences_from_vanilla_are_classified_and_a_clear_one_fails(tm
     assert f32["not_near_ties_vs_ours_vanilla"] == 2  # the same gaps are clear in float32
     script = experiment_script("speed")
     script.check_identity({"ours_spec_single": {**s, "divergences_not_near_ties": []}}, tmp_path)
-    with pytest.raises(SystemExit, match=r"not near-ties.*'ours_spec_single': \[\(2, 1, 2.0"):
+    with pytest.raises(SystemExit, match=r"not near-ties.*'ours_spec_single': \[\('q2', 1, 2.0"):
         script.check_identity({"ours_spec_single": s}, tmp_path)

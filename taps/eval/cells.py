@@ -22,7 +22,8 @@ from taps.paths import IntegrityError, atomic_write_text, content_key, hash_sour
 CELL_VERSION = "cell-v2"  # v2: a digest of parts and row in every cell
 # Source files whose behaviour a cached row depends on.
 _CODE = ("taps/engine", "taps/combine", "taps/models", "taps/eval/evaluate.py",
-         "taps/eval/metrics.py", "taps/data/template.py", "taps/data/benchmarks.py")  # fmt: skip
+         "taps/eval/metrics.py", "taps/eval/ties.py", "taps/data/template.py",
+         "taps/data/benchmarks.py")  # fmt: skip
 
 
 @functools.cache

@@ -71,12 +71,15 @@ class LosslessError(RuntimeError):
 def check_lossless(rows: list[dict], where: str) -> None:
     """Raise LosslessError naming every divergence (in rows' `lossless` checks) that is not a
     near-tie; `where` says where the results were kept for inspection."""
-    bad: dict[tuple, str] = {}  # a stream's divergences also appear in its per-source rows
+    bad: dict[tuple, str] = {}
     for r in rows:
         for d in (r.get("lossless") or {}).get("divergences", []):
             if d["near_tie"]:
                 continue
-            key = (r.get("variant"), r.get("temperature"), d["question_id"], d["turn"])
+            # a stream's per-source rows repeat its divergences and share its cell; benchmarks
+            # may share question ids ("0"), never cells
+            key = (r.get("cell") or r["bench"], r.get("variant"), r.get("temperature"),
+                   d["question_id"], d["turn"])  # fmt: skip
             bad.setdefault(key, f"{r.get('variant')} {r['bench']} question {d['question_id']!r} "
                            f"turn {d['turn'] + 1}: token {d['position']} differs, top-2 gaps "
                            f"{d['top2_gap']} / {d['spec_top2_gap']} > {d['threshold']} "

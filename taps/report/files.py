@@ -123,7 +123,9 @@ def identity(check: dict) -> str:
     ties = sum(bool(d.get("near_tie")) for d in bad)
     notes = [f"{ties} near-tie{'s' * (ties != 1)}"] if ties else []
     if len(bad) > ties:
-        notes.append(f"{len(bad) - ties} NOT a near-tie")
+        notes.append(
+            f"{len(bad) - ties} NOT " + ("a near-tie" if len(bad) - ties == 1 else "near-ties")
+        )
     return f"{same}/{turns} turns" + (f" ({', '.join(notes)})" if notes else "")
 
 

@@ -229,7 +229,7 @@ def near_ties(records: list[dict], name: str, dtype: torch.dtype) -> dict:
         d = compare(_generation(r[name]), _generation(r[VANILLA]), dtype, None)
         ties += d["near_tie"]
         if not d["near_tie"]:
-            bad.append({"prompt": r["prompt"], **d})
+            bad.append({"prompt": r["prompt"], "question_id": r.get("question_id"), **d})
     return {"near_ties_vs_ours_vanilla": ties, "not_near_ties_vs_ours_vanilla": len(bad),
             "divergences_not_near_ties": bad}  # fmt: skip
 
