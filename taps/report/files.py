@@ -121,11 +121,9 @@ def identity(check: dict) -> str:
     same = round(check.get("identical_fraction", 0) * turns)
     bad = check.get("divergences", [])
     ties = sum(bool(d.get("near_tie")) for d in bad)
+    clear = len(bad) - ties
     notes = [f"{ties} near-tie{'s' * (ties != 1)}"] if ties else []
-    if len(bad) > ties:
-        notes.append(
-            f"{len(bad) - ties} NOT " + ("a near-tie" if len(bad) - ties == 1 else "near-ties")
-        )
+    notes += [f"{clear} NOT " + ("a near-tie" if clear == 1 else "near-ties")] if clear else []
     return f"{same}/{turns} turns" + (f" ({', '.join(notes)})" if notes else "")
 
 

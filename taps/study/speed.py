@@ -43,8 +43,8 @@ class Decoded:
     phase_s: dict[str, float] = field(default_factory=dict)
     # Greedy only: the target's top-1 logit and top-2 gap where each token was chosen, to tell
     # a divergence from our vanilla loop at a floating-point near-tie from a wrong decoding.
-    top1: list[float] | None = None
-    gaps: list[float] | None = None
+    top1_logits: list[float] | None = None
+    top2_gaps: list[float] | None = None
 
 
 Method = Callable[[list[int], int, torch.Generator], Decoded]
@@ -93,7 +93,7 @@ def our_methods(
     """(c) our vanilla loop and (d) our speculative decoders, named."""
 
     def logits(g: Generation) -> dict:
-        return {} if temperature > 0 else {"top1": g.top1_logits, "gaps": g.top2_gaps}
+        return {} if temperature > 0 else {"top1_logits": g.top1_logits, "top2_gaps": g.top2_gaps}
 
     def vanilla(ids: list[int], n: int, gen: torch.Generator) -> Decoded:
         g = vanilla_generate(target, ids, n, eos, temperature, 1.0, gen)
@@ -135,8 +135,8 @@ def measure(
                 secs = time.perf_counter() - t
             rec[name] = {"tokens": out.tokens, "s": secs, "tau": out.tau, "cycles": out.cycles,
                          "phase_s": out.phase_s, "memory": mem.as_dict()}  # fmt: skip
-            if out.gaps is not None:
-                rec[name].update(top1_logits=out.top1, top2_gaps=out.gaps)
+            if out.top2_gaps is not None:
+                rec[name].update(top1_logits=out.top1_logits, top2_gaps=out.top2_gaps)
         records.append(rec)
         if progress is not None:
             progress(i, rec)
